@@ -1,0 +1,272 @@
+//! 2-D convolution as implicit GEMM (3×3 and 1×1, stride 1 or 2, any padding) and nearest 2×
+//! upsampling: the UNet's and VAE's hot paths. NCHW layout, weights `[Co, Ci, KH, KW]`.
+
+use burn::backend::wgpu::{CubeTensor, into_contiguous};
+use burn::tensor::{DType, Shape};
+
+use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, fold_groups, params};
+use crate::tuning::Tile;
+
+const CONV: &str = include_str!("conv2d.wgsl");
+const UPSAMPLE: &str = include_str!("upsample.wgsl");
+
+/// Convolution geometry for an input `[N, Ci, H, W]` and weight `[Co, Ci, KH, KW]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub n: usize,
+    pub ci: usize,
+    pub h: usize,
+    pub w: usize,
+    pub co: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvShape {
+    pub fn of(x: &[usize], weight: &[usize], stride: usize, pad: usize) -> Self {
+        assert!(
+            x.len() == 4 && weight.len() == 4,
+            "conv2d: input {x:?} and weight {weight:?} must both be 4-D"
+        );
+        assert_eq!(
+            x[1], weight[1],
+            "conv2d: input has {} channels, weight expects {}",
+            x[1], weight[1]
+        );
+        assert!(stride > 0, "conv2d: stride must be positive");
+        let (h, w, kh, kw) = (x[2], x[3], weight[2], weight[3]);
+        assert!(
+            h + 2 * pad >= kh && w + 2 * pad >= kw,
+            "conv2d: {kh}×{kw} kernel larger than padded {h}×{w} input"
+        );
+        Self {
+            n: x[0],
+            ci: x[1],
+            h,
+            w,
+            co: weight[0],
+            kh,
+            kw,
+            stride,
+            pad,
+            oh: (h + 2 * pad - kh) / stride + 1,
+            ow: (w + 2 * pad - kw) / stride + 1,
+        }
+    }
+
+    pub fn out_dims(&self) -> [usize; 4] {
+        [self.n, self.co, self.oh, self.ow]
+    }
+
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n * self.co * self.oh * self.ow * self.ci * self.kh * self.kw) as f64
+    }
+}
+
+pub fn out_shape(x: &Shape, weight: &Shape, stride: &usize, padding: &usize) -> Shape {
+    let (x, w): (Vec<usize>, Vec<usize>) = (x.iter().copied().collect(), weight.iter().copied().collect());
+    Shape::from(ConvShape::of(&x, &w, *stride, *padding).out_dims().to_vec())
+}
+
+pub fn upsample_shape(x: &Shape) -> Shape {
+    let mut d: Vec<usize> = x.iter().copied().collect();
+    let r = d.len();
+    assert!(r >= 2, "upsample: need at least [H, W]");
+    d[r - 1] *= 2;
+    d[r - 2] *= 2;
+    Shape::from(d)
+}
+
+pub(crate) fn launch_conv2d(
+    x: CubeTensor,
+    weight: CubeTensor,
+    bias: CubeTensor,
+    stride: usize,
+    pad: usize,
+) -> CubeTensor {
+    for t in [&x, &weight, &bias] {
+        assert_eq!(t.dtype, DType::F32, "conv2d: f32 only, got {:?}", t.dtype);
+    }
+    let (x, weight, bias) = (into_contiguous(x), into_contiguous(weight), into_contiguous(bias));
+    let s = ConvShape::of(&dims(&x), &dims(&weight), stride, pad);
+    assert_eq!(
+        dims(&bias).iter().product::<usize>(),
+        s.co,
+        "conv2d: bias must have {} values",
+        s.co
+    );
+    let out = empty_like_device(&x, Shape::from(s.out_dims().to_vec()), DType::F32);
+    if s.n * s.co * s.oh * s.ow == 0 {
+        return out;
+    }
+    let tile = Tile::conv();
+    let u = |v: usize, what| as_u32(v, what);
+    let p = params(
+        &x.client,
+        &[
+            u(s.ci, "Ci"),
+            u(s.h, "H"),
+            u(s.w, "W"),
+            u(s.co, "Co"),
+            u(s.oh, "OH"),
+            u(s.ow, "OW"),
+            u(s.kh, "KH"),
+            u(s.kw, "KW"),
+            u(stride, "stride"),
+            u(pad, "pad"),
+            0,
+            0,
+        ],
+    );
+    let groups = (
+        u((s.oh * s.ow).div_ceil(4).div_ceil(tile.wg_x as usize), "pixel groups"),
+        u(
+            s.co.div_ceil(tile.tm as usize).div_ceil(tile.wg_y as usize),
+            "channel groups",
+        ),
+        u(s.n, "batch"),
+    );
+    assert!(
+        groups.0 <= crate::launch::MAX_GROUPS_PER_DIM && groups.2 <= crate::launch::MAX_GROUPS_PER_DIM,
+        "conv2d: {s:?} exceeds one dispatch"
+    );
+    WgslKernel::new("conv2d", CONV).var("tm", tile.tm).launch(
+        &x.client,
+        (tile.wg_x, tile.wg_y, 1),
+        groups,
+        vec![binding(&x), binding(&weight), binding(&bias), binding(&out), p],
+    );
+    out
+}
+
+pub(crate) fn launch_upsample(x: CubeTensor) -> CubeTensor {
+    assert_eq!(x.dtype, DType::F32, "upsample: f32 only, got {:?}", x.dtype);
+    let x = into_contiguous(x);
+    let d = dims(&x);
+    let r = d.len();
+    assert!(r >= 2, "upsample: need at least [H, W], got {d:?}");
+    let (h, w) = (d[r - 2], d[r - 1]);
+    let planes: usize = d[..r - 2].iter().product();
+    let out = empty_like_device(&x, upsample_shape(x.meta.shape()), DType::F32);
+    let len = planes * 4 * h * w;
+    if len == 0 {
+        return out;
+    }
+    let p = params(
+        &x.client,
+        &[as_u32(planes, "planes"), as_u32(h, "H"), as_u32(w, "W"), 0],
+    );
+    let (gx, gy) = fold_groups(as_u32(len.div_ceil(256), "groups"));
+    WgslKernel::new("upsample_nearest2x", UPSAMPLE).launch(
+        &x.client,
+        (256, 1, 1),
+        (gx, gy, 1),
+        vec![binding(&x), binding(&out), p],
+    );
+    out
+}
+
+/// CPU reference: direct convolution, f64 accumulation.
+pub fn reference_conv2d(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
+    let mut out = vec![0f32; s.n * s.co * s.oh * s.ow];
+    for n in 0..s.n {
+        for co in 0..s.co {
+            for oy in 0..s.oh {
+                for ox in 0..s.ow {
+                    let mut acc = bias[co] as f64;
+                    for ci in 0..s.ci {
+                        for ky in 0..s.kh {
+                            for kx in 0..s.kw {
+                                let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                                let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
+                                    let xv = x[((n * s.ci + ci) * s.h + iy as usize) * s.w + ix as usize];
+                                    acc += xv as f64 * weight[((co * s.ci + ci) * s.kh + ky) * s.kw + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    out[((n * s.co + co) * s.oh + oy) * s.ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn reference_upsample(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(planes * 4 * h * w);
+    for pl in 0..planes {
+        for oy in 0..2 * h {
+            for ox in 0..2 * w {
+                out.push(x[(pl * h + oy / 2) * w + ox / 2]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
+
+    fn check(xd: [usize; 4], co: usize, k: usize, stride: usize, pad: usize, seed: u64) {
+        let wd = [co, xd[1], k, k];
+        let s = ConvShape::of(&xd, &wd, stride, pad);
+        let x = random_vec(xd.iter().product(), seed, 1.0);
+        let w = random_vec(wd.iter().product(), seed + 1, 0.3);
+        let b = random_vec(co, seed + 2, 1.0);
+        let want = reference_conv2d(&x, &w, &b, &s);
+        for_each_device(|dev, label| {
+            let got = crate::conv2d(
+                upload(&x, &xd, dev),
+                upload(&w, &wd, dev),
+                upload(&b, &[co], dev),
+                stride,
+                pad,
+            );
+            assert_eq!(got.dims(), s.out_dims());
+            assert_close(
+                &to_vec(got),
+                &want,
+                1e-5,
+                &format!("{label} conv {xd:?} co{co} k{k} s{stride} p{pad}"),
+            );
+        });
+    }
+
+    #[test]
+    fn conv3x3_stride1_pad1() {
+        check([2, 5, 11, 13], 7, 3, 1, 1, 90);
+    }
+
+    #[test]
+    fn conv3x3_stride2_pad1() {
+        // Odd and even sizes: the VAE/UNet downsamplers.
+        check([1, 8, 16, 16], 12, 3, 2, 1, 91);
+        check([2, 3, 9, 7], 5, 3, 2, 1, 92);
+    }
+
+    #[test]
+    fn conv1x1_stride1_and_2() {
+        check([2, 16, 6, 5], 9, 1, 1, 0, 93);
+        check([1, 4, 7, 7], 3, 1, 2, 0, 94);
+        check([1, 4, 5, 6], 6, 1, 1, 1, 95); // padding 1 on a 1×1 kernel: a zero border
+    }
+
+    #[test]
+    fn upsample_matches_reference() {
+        let x = random_vec(2 * 3 * 5 * 7, 96, 1.0);
+        let want = reference_upsample(&x, 6, 5, 7);
+        for_each_device(|dev, label| {
+            let got = crate::upsample_nearest2x(upload::<4>(&x, &[2, 3, 5, 7], dev));
+            assert_eq!(got.dims(), [2, 3, 10, 14]);
+            assert_close(&to_vec(got), &want, 0.0, &format!("{label} upsample"));
+        });
+    }
+}

@@ -1,0 +1,310 @@
+//! Choosing the compute device: a wgpu adapter on Vulkan, Metal or DX12, shared with burn, or
+//! burn's CPU backend (Flex) when no adapter exists.
+//!
+//! The device is created here rather than by burn so that we decide its limits: `Limits::Mobile`
+//! asks only for WebGPU's defaults (128 MiB storage bindings, 256 invocations and 16 KiB shared
+//! memory per workgroup), which proves on a desktop that every kernel also fits a phone GPU.
+
+use std::fmt;
+
+use burn::backend::wgpu::{WgpuSetup, wgpu};
+use burn::tensor::Device;
+use serde::Serialize;
+
+/// Environment variable naming the adapter: its index in `divergen devices`, or part of its name.
+pub const ENV_ADAPTER: &str = "DIVERGEN_ADAPTER";
+/// Environment variable restricting the graphics API: `vulkan`, `metal` or `dx12`.
+pub const ENV_BACKEND: &str = "DIVERGEN_BACKEND";
+/// Environment variable choosing the limits profile: `adapter` (default) or `mobile`.
+pub const ENV_LIMITS: &str = "DIVERGEN_LIMITS";
+/// When set to `1`, a missing adapter is an error instead of a fall-back to the CPU backend.
+pub const ENV_REQUIRE_GPU: &str = "DIVERGEN_REQUIRE_GPU";
+
+/// Which limits the logical device is created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsProfile {
+    /// Everything the adapter offers.
+    Adapter,
+    /// WebGPU's default limits, which phone GPUs are guaranteed to meet.
+    Mobile,
+}
+
+impl std::str::FromStr for LimitsProfile {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "adapter" | "full" | "" => Ok(Self::Adapter),
+            "mobile" | "webgpu" => Ok(Self::Mobile),
+            other => Err(DeviceError::BadSetting(format!(
+                "limits profile '{other}' is not one of: adapter, mobile"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for LimitsProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Adapter => "adapter",
+            Self::Mobile => "mobile",
+        })
+    }
+}
+
+/// What the user asked for; every field has an environment variable and a CLI flag.
+#[derive(Clone, Debug)]
+pub struct DeviceRequest {
+    pub adapter: Option<String>,
+    pub backend: Option<String>,
+    pub limits: LimitsProfile,
+    pub require_gpu: bool,
+}
+
+impl DeviceRequest {
+    /// Reads `DIVERGEN_ADAPTER`, `DIVERGEN_BACKEND`, `DIVERGEN_LIMITS` and `DIVERGEN_REQUIRE_GPU`.
+    pub fn from_env() -> Result<Self, DeviceError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        Ok(Self {
+            adapter: var(ENV_ADAPTER),
+            backend: var(ENV_BACKEND),
+            limits: var(ENV_LIMITS)
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(LimitsProfile::Adapter),
+            require_gpu: var(ENV_REQUIRE_GPU).is_some_and(|v| v != "0"),
+        })
+    }
+}
+
+/// An adapter as `divergen devices` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub max_storage_binding_bytes: u64,
+    pub max_buffer_bytes: u64,
+    pub max_invocations_per_workgroup: u32,
+    pub max_workgroup_shared_bytes: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+}
+
+impl AdapterReport {
+    fn new(index: usize, adapter: &wgpu::Adapter) -> Self {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features();
+        Self {
+            index,
+            name: info.name,
+            backend: format!("{:?}", info.backend),
+            device_type: format!("{:?}", info.device_type),
+            driver: [info.driver, info.driver_info]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" "),
+            max_storage_binding_bytes: limits.max_storage_buffer_binding_size as u64,
+            max_buffer_bytes: limits.max_buffer_size,
+            max_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+            max_workgroup_shared_bytes: limits.max_compute_workgroup_storage_size,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_min_size: info.subgroup_min_size,
+            subgroup_max_size: info.subgroup_max_size,
+        }
+    }
+}
+
+/// The device every model and kernel runs on, with what was chosen and why.
+#[derive(Clone, Debug)]
+pub struct ComputeDevice {
+    pub device: Device,
+    /// `None` when running on the CPU backend.
+    pub adapter: Option<AdapterReport>,
+    pub limits: LimitsProfile,
+    /// Limits the logical device was actually created with (what kernels may rely on).
+    pub granted: Option<GrantedLimits>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct GrantedLimits {
+    pub max_storage_binding_bytes: u64,
+    pub max_invocations_per_workgroup: u32,
+    pub max_workgroup_shared_bytes: u32,
+}
+
+impl ComputeDevice {
+    pub fn is_gpu(&self) -> bool {
+        self.adapter.is_some()
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.adapter {
+            Some(a) => format!("{} ({}, {}, limits: {})", a.name, a.backend, a.device_type, self.limits),
+            None => "CPU backend (burn Flex; kernels run their CPU references)".to_string(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum DeviceError {
+    BadSetting(String),
+    NoAdapter(String),
+    Request(String),
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadSetting(m) => write!(f, "bad device setting: {m}"),
+            Self::NoAdapter(m) => write!(f, "no usable GPU adapter: {m}"),
+            Self::Request(m) => write!(f, "could not open the GPU device: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+fn backends_for(request: &DeviceRequest) -> Result<wgpu::Backends, DeviceError> {
+    let all = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+    match request.backend.as_deref().map(|b| b.trim().to_ascii_lowercase()) {
+        None => Ok(all),
+        Some(b) => match b.as_str() {
+            "vulkan" => Ok(wgpu::Backends::VULKAN),
+            "metal" => Ok(wgpu::Backends::METAL),
+            "dx12" => Ok(wgpu::Backends::DX12),
+            "auto" | "any" => Ok(all),
+            other => Err(DeviceError::BadSetting(format!(
+                "backend '{other}' is not one of: vulkan, metal, dx12, auto"
+            ))),
+        },
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    })
+}
+
+/// Every adapter on the allowed graphics APIs, in the order `DIVERGEN_ADAPTER=<index>` uses.
+pub fn enumerate(request: &DeviceRequest) -> Result<Vec<AdapterReport>, DeviceError> {
+    let backends = backends_for(request)?;
+    let adapters = pollster::block_on(instance(backends).enumerate_adapters(backends));
+    Ok(adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| AdapterReport::new(i, a))
+        .collect())
+}
+
+/// Real GPUs first; lavapipe/SwiftShader (device type `Cpu`) only when nothing else exists.
+fn preference(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+fn pick(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<(usize, wgpu::Adapter), DeviceError> {
+    let mut indexed: Vec<(usize, wgpu::Adapter)> = adapters.into_iter().enumerate().collect();
+    if let Some(wanted) = wanted {
+        let found = match wanted.trim().parse::<usize>() {
+            Ok(i) => indexed.into_iter().find(|(j, _)| *j == i),
+            Err(_) => {
+                let needle = wanted.to_ascii_lowercase();
+                indexed
+                    .into_iter()
+                    .find(|(_, a)| a.get_info().name.to_ascii_lowercase().contains(&needle))
+            }
+        };
+        return found
+            .ok_or_else(|| DeviceError::NoAdapter(format!("no adapter matches '{wanted}' (see `divergen devices`)")));
+    }
+    indexed.sort_by_key(|(_, a)| preference(a.get_info().device_type));
+    indexed
+        .into_iter()
+        .next()
+        .ok_or_else(|| DeviceError::NoAdapter("no Vulkan, Metal or DX12 adapter was found".into()))
+}
+
+/// Opens the requested device, registering it with burn so burn ops and our kernels share it.
+///
+/// Each call creates a new logical device; callers keep the result and clone its `device`.
+pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
+    let backends = backends_for(request)?;
+    let instance = instance(backends);
+    let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    let (index, adapter) = match pick(adapters, request.adapter.as_deref()) {
+        Ok(found) => found,
+        Err(e) if !request.require_gpu && request.adapter.is_none() => {
+            log::warn!("{e}; falling back to burn's CPU backend (set {ENV_REQUIRE_GPU}=1 to make this an error)");
+            return Ok(ComputeDevice {
+                device: Device::flex(),
+                adapter: None,
+                limits: request.limits,
+                granted: None,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let report = AdapterReport::new(index, &adapter);
+    let required_limits = match request.limits {
+        LimitsProfile::Adapter => adapter.limits(),
+        LimitsProfile::Mobile => wgpu::Limits::defaults(),
+    };
+    // burn needs timestamp queries (autotune) and atomics (reductions) when the adapter has them;
+    // mappable primary buffers would make every buffer host-visible, which we never want.
+    let required_features = adapter.features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("divergen"),
+        required_features,
+        required_limits,
+        experimental_features: wgpu::ExperimentalFeatures::disabled(),
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    }))
+    .map_err(|e| DeviceError::Request(format!("{} ({}): {e}", report.name, request.limits)))?;
+    let limits = device.limits();
+    let granted = GrantedLimits {
+        max_storage_binding_bytes: limits.max_storage_buffer_binding_size as u64,
+        max_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        max_workgroup_shared_bytes: limits.max_compute_workgroup_storage_size,
+    };
+    let backend = adapter.get_info().backend;
+    let setup = WgpuSetup {
+        instance,
+        adapter,
+        device,
+        queue,
+        backend,
+    };
+    let device = Device::wgpu_options()
+        .setup(setup)
+        .init()
+        .map_err(|e| DeviceError::Request(format!("burn refused {}: {e:?}", report.name)))?;
+    log::info!(
+        "compute device: {} ({}, {}, limits: {})",
+        report.name,
+        report.backend,
+        report.device_type,
+        request.limits
+    );
+    Ok(ComputeDevice {
+        device,
+        adapter: Some(report),
+        limits: request.limits,
+        granted: Some(granted),
+    })
+}

@@ -1,0 +1,27 @@
+//! divergen's compute kernels: hand-written WGSL for the hot paths of CLIP, SAM and Stable
+//! Diffusion, launched inside burn through one backend extension ([`DivergenKernels`]).
+//!
+//! Each kernel lives in its own folder: the `.wgsl` file, the Rust that launches it, its CPU
+//! reference, and its tests. Models call the tensor-level functions re-exported here; on a
+//! machine without a GPU adapter the same calls run the CPU references on burn's Flex backend.
+
+pub mod activation;
+pub mod attention;
+pub mod bench;
+pub mod conv;
+pub mod device;
+pub mod gemm;
+mod launch;
+pub mod norm;
+mod ops;
+pub mod qgemm;
+pub mod quant;
+pub mod testing;
+mod tuning;
+
+pub use activation::Activation;
+pub use ops::{
+    DivergenKernels, QuantizedWeight, activation, attention, conv2d, gelu, gemm, gemm_bt, group_norm, layer_norm,
+    qgemm, silu, softmax, upsample_nearest2x,
+};
+pub use qgemm::QuantFormat;

@@ -1,0 +1,497 @@
+//! The one tensor-level API models call: a burn backend extension.
+//!
+//! `#[backend_extension]` routes each call by the tensors' device: wgpu devices (through burn's
+//! fusion layer, which treats our kernels as opaque custom ops) reach the WGSL launchers; the CPU
+//! backend (Flex) runs the plain-Rust references, so the product also runs with no Vulkan driver.
+
+use burn::backend::TensorMetadata;
+use burn::backend::ops::{FloatTensorOps, IntTensorOps};
+use burn::backend::tensor::{Device as BackendDevice, FloatTensor, IntTensor};
+use burn::backend::wgpu::CubeBackend;
+use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+
+use crate::activation::Activation;
+use crate::conv::ConvShape;
+use crate::gemm::GemmShape;
+use crate::qgemm::QuantFormat;
+use crate::quant::{Int4Weights, Int8Weights};
+
+#[backend_extension(Cube, Fusion, Flex)]
+pub trait DivergenKernels: Backend {
+    #[fusion(dtype = lhs, shape = crate::gemm::out_shape(lhs, rhs, transpose_rhs))]
+    fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, transpose_rhs: bool) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = crate::qgemm::out_shape(x, out_features))]
+    fn qgemm_int8(
+        x: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        out_features: usize,
+    ) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = crate::qgemm::out_shape(x, out_features))]
+    fn qgemm_int4(
+        x: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        scales: IntTensor<Self>,
+        out_features: usize,
+    ) -> FloatTensor<Self>;
+
+    #[fusion(dtype = q, shape = q)]
+    fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = x)]
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = x)]
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = x)]
+    fn softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = x)]
+    fn activation(x: FloatTensor<Self>, kind: Activation) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = crate::conv::out_shape(x, weight, stride, padding))]
+    fn conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    #[fusion(dtype = x, shape = crate::conv::upsample_shape(x))]
+    fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+impl DivergenKernels for CubeBackend {
+    fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, transpose_rhs: bool) -> FloatTensor<Self> {
+        crate::gemm::launch(lhs, rhs, transpose_rhs)
+    }
+    fn qgemm_int8(
+        x: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        out_features: usize,
+    ) -> FloatTensor<Self> {
+        crate::qgemm::launch(x, words, scales, out_features, QuantFormat::Int8)
+    }
+    fn qgemm_int4(
+        x: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        scales: IntTensor<Self>,
+        out_features: usize,
+    ) -> FloatTensor<Self> {
+        crate::qgemm::launch(x, words, scales, out_features, QuantFormat::Int4)
+    }
+    fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        crate::attention::launch(q, k, v, scale)
+    }
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        crate::norm::launch_group_norm(x, gamma, beta, groups, eps, silu)
+    }
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        crate::norm::launch_layer_norm(x, gamma, beta, eps)
+    }
+    fn softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::norm::launch_softmax(x)
+    }
+    fn activation(x: FloatTensor<Self>, kind: Activation) -> FloatTensor<Self> {
+        crate::activation::launch(x, kind)
+    }
+    fn conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        crate::conv::launch_conv2d(x, weight, bias, stride, padding)
+    }
+    fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::conv::launch_upsample(x)
+    }
+}
+
+// ---- CPU backend: the references --------------------------------------------------------------
+
+type FlexDevice = BackendDevice<Flex>;
+
+fn read_float(t: FloatTensor<Flex>) -> (Vec<f32>, Vec<usize>, DType) {
+    let data =
+        pollster::block_on(Flex::float_into_data(t)).unwrap_or_else(|e| panic!("reading a CPU tensor failed: {e:?}"));
+    let (dims, dtype) = (data.shape().iter().copied().collect(), data.dtype());
+    let values = data
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_else(|e| panic!("CPU tensor is not float: {e:?}"));
+    (values, dims, dtype)
+}
+
+fn read_words(t: IntTensor<Flex>) -> Vec<u32> {
+    let data =
+        pollster::block_on(Flex::int_into_data(t)).unwrap_or_else(|e| panic!("reading a CPU tensor failed: {e:?}"));
+    match data.dtype() {
+        DType::U32 => data.try_into_vec::<u32>().unwrap_or_default(),
+        _ => data
+            .convert::<i32>()
+            .try_into_vec::<i32>()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect(),
+    }
+}
+
+fn write_float(values: Vec<f32>, dims: Vec<usize>, dtype: DType, device: &FlexDevice) -> FloatTensor<Flex> {
+    Flex::float_from_data(TensorData::new(values, dims).convert_dtype(dtype), device)
+}
+
+impl DivergenKernels for Flex {
+    fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, transpose_rhs: bool) -> FloatTensor<Self> {
+        let device = lhs.device();
+        let ((a, ad, dtype), (b, bd, _)) = (read_float(lhs), read_float(rhs));
+        let s = GemmShape::of(&ad, &bd, transpose_rhs);
+        write_float(crate::gemm::reference(&a, &b, &s), s.out_dims(&ad, &bd), dtype, &device)
+    }
+    fn qgemm_int8(
+        x: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        out_features: usize,
+    ) -> FloatTensor<Self> {
+        let device = x.device();
+        let (xv, xd, dtype) = read_float(x);
+        let k = *xd.last().expect("qgemm: activations need a dimension");
+        let w = Int8Weights {
+            n: out_features,
+            k,
+            words: read_words(words),
+            scales: read_float(scales).0,
+        };
+        let m = xv.len() / k.max(1);
+        let out = crate::qgemm::reference_int8(&xv, m, &w);
+        write_float(
+            out,
+            crate::qgemm::out_shape(&Shape::from(xd), &out_features)
+                .iter()
+                .copied()
+                .collect(),
+            dtype,
+            &device,
+        )
+    }
+    fn qgemm_int4(
+        x: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        scales: IntTensor<Self>,
+        out_features: usize,
+    ) -> FloatTensor<Self> {
+        let device = x.device();
+        let (xv, xd, dtype) = read_float(x);
+        let k = *xd.last().expect("qgemm: activations need a dimension");
+        let w = Int4Weights {
+            n: out_features,
+            k,
+            words: read_words(words),
+            scales: read_words(scales),
+        };
+        let m = xv.len() / k.max(1);
+        let out = crate::qgemm::reference_int4(&xv, m, &w);
+        write_float(
+            out,
+            crate::qgemm::out_shape(&Shape::from(xd), &out_features)
+                .iter()
+                .copied()
+                .collect(),
+            dtype,
+            &device,
+        )
+    }
+    fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        let device = q.device();
+        let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (read_float(q), read_float(k), read_float(v));
+        let out = crate::attention::reference(&qv, &kv, &vv, qd[0] * qd[1], qd[2], kd[2], qd[3], scale);
+        write_float(out, qd, dtype, &device)
+    }
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let device = x.device();
+        let (xv, xd, dtype) = read_float(x);
+        let spatial = xd[2..].iter().product();
+        let out = crate::norm::reference_group_norm(
+            &xv,
+            xd[0],
+            xd[1],
+            spatial,
+            &read_float(gamma).0,
+            &read_float(beta).0,
+            groups,
+            eps,
+            silu,
+        );
+        write_float(out, xd, dtype, &device)
+    }
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        let device = x.device();
+        let (xv, xd, dtype) = read_float(x);
+        let d = *xd.last().expect("layer_norm: scalar input");
+        let out = crate::norm::reference_layer_norm(&xv, d, &read_float(gamma).0, &read_float(beta).0, eps);
+        write_float(out, xd, dtype, &device)
+    }
+    fn softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let device = x.device();
+        let (xv, xd, dtype) = read_float(x);
+        let d = *xd.last().expect("softmax: scalar input");
+        write_float(crate::norm::reference_softmax(&xv, d), xd, dtype, &device)
+    }
+    fn activation(x: FloatTensor<Self>, kind: Activation) -> FloatTensor<Self> {
+        let device = x.device();
+        let (xv, xd, dtype) = read_float(x);
+        write_float(xv.into_iter().map(|v| kind.reference(v)).collect(), xd, dtype, &device)
+    }
+    fn conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let device = x.device();
+        let ((xv, xd, dtype), (wv, wd, _)) = (read_float(x), read_float(weight));
+        let s = ConvShape::of(&xd, &wd, stride, padding);
+        write_float(
+            crate::conv::reference_conv2d(&xv, &wv, &read_float(bias).0, &s),
+            s.out_dims().to_vec(),
+            dtype,
+            &device,
+        )
+    }
+    fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let device = x.device();
+        let (xv, xd, dtype) = read_float(x);
+        let r = xd.len();
+        let out = crate::conv::reference_upsample(&xv, xd[..r - 2].iter().product(), xd[r - 2], xd[r - 1]);
+        let out_dims = crate::conv::upsample_shape(&Shape::from(xd)).iter().copied().collect();
+        write_float(out, out_dims, dtype, &device)
+    }
+}
+
+// ---- Tensor-level API ----------------------------------------------------------------------------
+
+/// `a · b` over the last two dimensions (batched; a batch of 1 broadcasts).
+pub fn gemm<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::gemm(
+        a.into_dispatch(),
+        b.into_dispatch(),
+        false,
+    ))
+}
+
+/// `a · bᵀ` over the last two dimensions: `b` is `[.., N, K]`, the `nn.Linear` weight layout.
+pub fn gemm_bt<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::gemm(
+        a.into_dispatch(),
+        b.into_dispatch(),
+        true,
+    ))
+}
+
+/// A quantized `[N, K]` weight resident on a device, ready for [`qgemm`].
+#[derive(Clone, Debug)]
+pub struct QuantizedWeight {
+    pub format: QuantFormat,
+    pub out_features: usize,
+    pub in_features: usize,
+    words: Tensor<1, Int>,
+    /// f32 scales (int8); int4 keeps its packed f16 pairs in `packed_scales`.
+    scales: Option<Tensor<1>>,
+    packed_scales: Option<Tensor<1, Int>>,
+    bytes: usize,
+}
+
+fn words_tensor(words: &[u32], device: &Device) -> Tensor<1, Int> {
+    // Stored as i32 (every backend has it); the kernels reinterpret the bits.
+    let signed: Vec<i32> = words.iter().map(|&w| w as i32).collect();
+    Tensor::from_data(TensorData::new(signed, [words.len()]), device)
+}
+
+impl QuantizedWeight {
+    pub fn int8(w: &Int8Weights, device: &Device) -> Self {
+        Self {
+            format: QuantFormat::Int8,
+            out_features: w.n,
+            in_features: w.k,
+            words: words_tensor(&w.words, device),
+            scales: Some(Tensor::from_data(
+                TensorData::new(w.scales.clone(), [w.scales.len()]),
+                device,
+            )),
+            packed_scales: None,
+            bytes: w.bytes(),
+        }
+    }
+
+    pub fn int4(w: &Int4Weights, device: &Device) -> Self {
+        Self {
+            format: QuantFormat::Int4,
+            out_features: w.n,
+            in_features: w.k,
+            words: words_tensor(&w.words, device),
+            scales: None,
+            packed_scales: Some(words_tensor(&w.scales, device)),
+            bytes: w.bytes(),
+        }
+    }
+
+    /// Bytes the weight occupies on the device (packed values plus scales).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// `x · Wᵀ` for a quantized `W [N, K]`; `x` is `[.., K]`, the result `[.., N]`.
+pub fn qgemm<const D: usize>(x: Tensor<D>, w: &QuantizedWeight) -> Tensor<D> {
+    let k = x.dims()[D - 1];
+    assert_eq!(
+        k, w.in_features,
+        "qgemm: input has {k} features, weight expects {}",
+        w.in_features
+    );
+    let (x, words) = (x.into_dispatch(), w.words.clone().into_dispatch());
+    Tensor::from_dispatch(match w.format {
+        QuantFormat::Int8 => {
+            let scales = w
+                .scales
+                .clone()
+                .expect("int8 weight carries f32 scales")
+                .into_dispatch();
+            <Dispatch as DivergenKernels>::qgemm_int8(x, words, scales, w.out_features)
+        }
+        QuantFormat::Int4 => {
+            let scales = w
+                .packed_scales
+                .clone()
+                .expect("int4 weight carries packed scales")
+                .into_dispatch();
+            <Dispatch as DivergenKernels>::qgemm_int4(x, words, scales, w.out_features)
+        }
+    })
+}
+
+/// `softmax(q·kᵀ·scale)·v` for `[B, H, S, D]` tensors, never materialising the score matrix.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+    ))
+}
+
+/// Group norm of `[N, C, ...]` with per-channel affine, optionally followed by SiLU.
+pub fn group_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::group_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        groups,
+        eps,
+        silu,
+    ))
+}
+
+/// Layer norm over the last dimension.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f32) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}
+
+/// Softmax over the last dimension.
+pub fn softmax<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::softmax(x.into_dispatch()))
+}
+
+pub fn activation<const D: usize>(x: Tensor<D>, kind: Activation) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::activation(x.into_dispatch(), kind))
+}
+
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    activation(x, Activation::Silu)
+}
+
+/// GELU, exact (`erf`) or with the tanh approximation.
+pub fn gelu<const D: usize>(x: Tensor<D>, tanh_approximation: bool) -> Tensor<D> {
+    activation(
+        x,
+        if tanh_approximation {
+            Activation::GeluTanh
+        } else {
+            Activation::GeluErf
+        },
+    )
+}
+
+/// 2-D convolution, NCHW, weight `[Co, Ci, KH, KW]`, bias `[Co]`.
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, stride: usize, padding: usize) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        stride,
+        padding,
+    ))
+}
+
+/// Nearest-neighbour 2× upsampling of the last two dimensions.
+pub fn upsample_nearest2x<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::upsample_nearest2x(x.into_dispatch()))
+}

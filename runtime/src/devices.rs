@@ -1,0 +1,68 @@
+//! `divergen devices`: what the device layer sees and what it would choose.
+
+use divergen_kernels::device::{AdapterReport, DeviceRequest, GrantedLimits, enumerate, open};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Report {
+    adapters: Vec<AdapterReport>,
+    /// Index into `adapters`, or `null` when the CPU backend is used.
+    chosen: Option<usize>,
+    backend: String,
+    limits: String,
+    granted: Option<GrantedLimits>,
+}
+
+pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
+    let adapters = enumerate(request).map_err(|e| e.to_string())?;
+    let chosen = open(request).map_err(|e| e.to_string())?;
+    let report = Report {
+        adapters,
+        chosen: chosen.adapter.as_ref().map(|a| a.index),
+        backend: chosen.describe(),
+        limits: chosen.limits.to_string(),
+        granted: chosen.granted,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    if report.adapters.is_empty() {
+        println!("no Vulkan, Metal or DX12 adapter found");
+    }
+    for a in &report.adapters {
+        let mark = if Some(a.index) == report.chosen { "*" } else { " " };
+        println!(
+            "{mark} [{}] {} — {} {} ({})",
+            a.index, a.name, a.backend, a.device_type, a.driver
+        );
+        println!(
+            "      max storage binding {} MiB, buffer {} MiB, {} invocations/workgroup, {} KiB shared",
+            a.max_storage_binding_bytes >> 20,
+            a.max_buffer_bytes >> 20,
+            a.max_invocations_per_workgroup,
+            a.max_workgroup_shared_bytes >> 10
+        );
+        println!(
+            "      shader-f16 {}, subgroups {} (size {}–{})",
+            yes(a.shader_f16),
+            yes(a.subgroups),
+            a.subgroup_min_size,
+            a.subgroup_max_size
+        );
+    }
+    println!("using: {}", report.backend);
+    if let Some(g) = report.granted {
+        println!(
+            "granted limits: storage binding {} MiB, {} invocations/workgroup, {} KiB shared",
+            g.max_storage_binding_bytes >> 20,
+            g.max_invocations_per_workgroup,
+            g.max_workgroup_shared_bytes >> 10
+        );
+    }
+    Ok(())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}

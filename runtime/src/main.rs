@@ -1,0 +1,89 @@
+//! `divergen`: the device-side command line.
+
+mod bench;
+mod devices;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use divergen_kernels::device::{DeviceRequest, LimitsProfile};
+
+#[derive(Parser)]
+#[command(
+    name = "divergen",
+    version,
+    about = "DiverGen's data-generation pipeline, on the device"
+)]
+struct Cli {
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Device selection; each flag falls back to its environment variable.
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// Adapter to use: its index in `divergen devices`, or part of its name.
+    #[arg(long, global = true, env = "DIVERGEN_ADAPTER")]
+    adapter: Option<String>,
+    /// Graphics API: vulkan, metal, dx12 or auto.
+    #[arg(long, global = true, env = "DIVERGEN_BACKEND")]
+    backend: Option<String>,
+    /// `adapter` (all the adapter offers) or `mobile` (WebGPU's defaults, what phones guarantee).
+    #[arg(long, global = true, env = "DIVERGEN_LIMITS", default_value = "adapter")]
+    limits: String,
+    /// Fail instead of falling back to the CPU backend when no adapter exists.
+    #[arg(long, global = true, env = "DIVERGEN_REQUIRE_GPU", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    require_gpu: bool,
+}
+
+impl DeviceArgs {
+    fn request(&self) -> Result<DeviceRequest, String> {
+        Ok(DeviceRequest {
+            adapter: self.adapter.clone().filter(|s| !s.trim().is_empty()),
+            backend: self.backend.clone().filter(|s| !s.trim().is_empty()),
+            limits: self.limits.parse::<LimitsProfile>().map_err(|e| e.to_string())?,
+            require_gpu: self.require_gpu,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the GPU adapters found and the one that would be used.
+    Devices {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Our WGSL kernels at realistic sizes against burn's default path on the same device.
+    Kernels(bench::KernelBenchArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = cli.device.request().and_then(|request| match cli.command {
+        Command::Devices { json } => devices::run(&request, json),
+        Command::Bench {
+            what: BenchCommand::Kernels(args),
+        } => bench::run_kernels(&request, &args),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("divergen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
