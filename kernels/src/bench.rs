@@ -36,12 +36,20 @@ pub struct BenchCase {
     pub note: String,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BenchOptions {
     /// Fewer sizes and runs: a smoke pass that still exercises every kernel.
     pub quick: bool,
     /// Skip burn's side (its first matmul per shape autotunes for seconds).
     pub ours_only: bool,
+    /// Run only cases whose kernel name contains this.
+    pub filter: Option<String>,
+}
+
+impl BenchOptions {
+    fn wants(&self, kernel: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| kernel.contains(f))
+    }
 }
 
 struct Timing {
@@ -123,7 +131,7 @@ fn rand_tensor<const D: usize>(dims: [usize; D], seed: u64, device: &Device) -> 
 pub fn run(
     device: &Device,
     shader_f16: bool,
-    opts: BenchOptions,
+    opts: &BenchOptions,
     mut report: impl FnMut(&BenchCase),
 ) -> Vec<BenchCase> {
     let q = opts.quick;
@@ -136,7 +144,7 @@ pub fn run(
 
     // GEMM, f32: the core of every linear layer.
     let sizes: &[usize] = if q { &[256, 512] } else { &[256, 512, 1024, 2048] };
-    for &n in sizes {
+    for &n in sizes.iter().filter(|_| opts.wants("gemm_f32")) {
         let a = rand_tensor([1, n, n], 1, device);
         let b = rand_tensor([1, n, n], 2, device);
         let ours = time(device, q, || gemm(a.clone(), b.clone()));
@@ -156,7 +164,7 @@ pub fn run(
     }
 
     // GEMM with f16 storage.
-    if shader_f16 {
+    if shader_f16 && opts.wants("gemm_f16") {
         let n = if q { 512 } else { 1024 };
         let a = rand_tensor([1, n, n], 3, device).cast(DType::F16);
         let b = rand_tensor([1, n, n], 4, device).cast(DType::F16);
@@ -181,7 +189,7 @@ pub fn run(
     } else {
         &[(4096, 4096), (1280, 5120)]
     };
-    for &(n, k) in gemv_shapes {
+    for &(n, k) in gemv_shapes.iter().filter(|_| opts.wants("gemv")) {
         let w = random_vec(n * k, 5, 0.05);
         let x = rand_tensor([1, k], 6, device);
         let wt: Tensor<2> = upload(&w, &[n, k], device);
@@ -223,7 +231,7 @@ pub fn run(
     }
 
     // Quantized GEMM at batch 256 (a SAM/CLIP token block through a 1024-wide layer).
-    {
+    if opts.wants("qgemm") || opts.wants("gemm_bt") {
         let (m, n, k) = (256, 1024, 1024);
         let w = random_vec(n * k, 7, 0.05);
         let x = rand_tensor([m, k], 8, device);
@@ -259,7 +267,7 @@ pub fn run(
 
     // Fused attention: 8 heads of 64, self-attention over a latent of `seq` tokens.
     let seqs: &[usize] = if q { &[256, 1024] } else { &[256, 1024, 4096] };
-    for &s in seqs {
+    for &s in seqs.iter().filter(|_| opts.wants("attention")) {
         let (h, d) = (8, 64);
         let qt = rand_tensor([1, h, s, d], 9, device);
         let kt = rand_tensor([1, h, s, d], 10, device);
@@ -303,7 +311,7 @@ pub fn run(
         ));
     }
     // SD cross-attention: 4096 latent tokens against 77 text tokens.
-    if !q {
+    if !q && opts.wants("attention") {
         let (h, d, sq, skv) = (8, 40, 4096, 77);
         let qt = rand_tensor([1, h, sq, d], 12, device);
         let kt = rand_tensor([1, h, skv, d], 13, device);
@@ -329,7 +337,7 @@ pub fn run(
     }
 
     // Group norm (+SiLU) on a 320-channel 64×64 map: every SD ResNet block starts so.
-    {
+    if opts.wants("group_norm") {
         let (c, hw) = (320, 64);
         let x = rand_tensor([1, c, hw, hw], 15, device);
         let gamma = rand_tensor([c], 16, device);
@@ -359,7 +367,7 @@ pub fn run(
     }
 
     // Convolutions: a 320-channel 3×3 (UNet's most common conv) and its stride-2 downsampler.
-    {
+    if opts.wants("conv") {
         let (c, hw) = if q { (128, 32) } else { (320, 32) };
         let x = rand_tensor([1, c, hw, hw], 18, device);
         let w = upload::<4>(&random_vec(c * c * 9, 19, 0.05), &[c, c, 3, 3], device);
@@ -416,7 +424,7 @@ pub fn run(
     }
 
     // GELU over 4M values (memory bound).
-    {
+    if opts.wants("gelu") {
         let n = 1 << 22;
         let x = rand_tensor([n], 22, device);
         let ours = time(device, q, || gelu(x.clone(), false));

@@ -6,6 +6,7 @@
 //! memory per workgroup), which proves on a desktop that every kernel also fits a phone GPU.
 
 use std::fmt;
+use std::sync::Mutex;
 
 use burn::backend::wgpu::{WgpuSetup, wgpu};
 use burn::tensor::Device;
@@ -19,6 +20,24 @@ pub const ENV_BACKEND: &str = "DIVERGEN_BACKEND";
 pub const ENV_LIMITS: &str = "DIVERGEN_LIMITS";
 /// When set to `1`, a missing adapter is an error instead of a fall-back to the CPU backend.
 pub const ENV_REQUIRE_GPU: &str = "DIVERGEN_REQUIRE_GPU";
+
+/// Names of adapters opened here that are CPU rasterizers (device type `Cpu`).
+static CPU_ADAPTERS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Whether kernels on the adapter called `name` run as SIMD lanes of CPU threads (lavapipe,
+/// SwiftShader) rather than on a GPU: the two want very different register tiles.
+pub(crate) fn runs_on_cpu(name: &str) -> bool {
+    let known = CPU_ADAPTERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|n| n == name);
+    let lower = name.to_ascii_lowercase();
+    known
+        || ["llvmpipe", "lavapipe", "swiftshader"]
+            .iter()
+            .any(|n| lower.contains(n))
+}
 
 /// Which limits the logical device is created with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -110,7 +129,7 @@ impl AdapterReport {
                 .filter(|s| !s.is_empty())
                 .collect::<Vec<_>>()
                 .join(" "),
-            max_storage_binding_bytes: limits.max_storage_buffer_binding_size as u64,
+            max_storage_binding_bytes: limits.max_storage_buffer_binding_size,
             max_buffer_bytes: limits.max_buffer_size,
             max_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             max_workgroup_shared_bytes: limits.max_compute_workgroup_storage_size,
@@ -278,10 +297,16 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
     .map_err(|e| DeviceError::Request(format!("{} ({}): {e}", report.name, request.limits)))?;
     let limits = device.limits();
     let granted = GrantedLimits {
-        max_storage_binding_bytes: limits.max_storage_buffer_binding_size as u64,
+        max_storage_binding_bytes: limits.max_storage_buffer_binding_size,
         max_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
         max_workgroup_shared_bytes: limits.max_compute_workgroup_storage_size,
     };
+    if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+        CPU_ADAPTERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(report.name.clone());
+    }
     let backend = adapter.get_info().backend;
     let setup = WgpuSetup {
         instance,

@@ -237,7 +237,18 @@ impl DivergenKernels for Flex {
     fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
         let device = q.device();
         let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (read_float(q), read_float(k), read_float(v));
-        let out = crate::attention::reference(&qv, &kv, &vv, qd[0] * qd[1], qd[2], kd[2], qd[3], scale);
+        let out = crate::attention::reference(
+            &qv,
+            &kv,
+            &vv,
+            crate::attention::AttentionShape {
+                bh: qd[0] * qd[1],
+                sq: qd[2],
+                skv: kd[2],
+                d: qd[3],
+            },
+            scale,
+        );
         write_float(out, qd, dtype, &device)
     }
     fn group_norm(
@@ -251,17 +262,13 @@ impl DivergenKernels for Flex {
         let device = x.device();
         let (xv, xd, dtype) = read_float(x);
         let spatial = xd[2..].iter().product();
-        let out = crate::norm::reference_group_norm(
-            &xv,
-            xd[0],
-            xd[1],
+        let shape = crate::norm::GroupNormShape {
+            n: xd[0],
+            c: xd[1],
             spatial,
-            &read_float(gamma).0,
-            &read_float(beta).0,
             groups,
-            eps,
-            silu,
-        );
+        };
+        let out = crate::norm::reference_group_norm(&xv, shape, &read_float(gamma).0, &read_float(beta).0, eps, silu);
         write_float(out, xd, dtype, &device)
     }
     fn layer_norm(

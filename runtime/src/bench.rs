@@ -18,6 +18,9 @@ pub struct KernelBenchArgs {
     /// Skip burn's side of each comparison (its first matmul per shape autotunes for seconds).
     #[arg(long)]
     ours_only: bool,
+    /// Run only the cases whose kernel name contains this (e.g. `gemm`, `attention`).
+    #[arg(long)]
+    filter: Option<String>,
     /// Also write the Markdown table, with device and date, to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
@@ -34,9 +37,10 @@ pub fn run_kernels(request: &DeviceRequest, args: &KernelBenchArgs) -> Result<()
     let cases = run(
         &device.device,
         f16,
-        BenchOptions {
+        &BenchOptions {
             quick: args.quick,
             ours_only: args.ours_only,
+            filter: args.filter.clone(),
         },
         |c| {
             if args.json {

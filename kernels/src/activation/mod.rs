@@ -74,10 +74,16 @@ pub(crate) fn launch(x: CubeTensor, act: Activation) -> CubeTensor {
     if len == 0 {
         return out;
     }
-    let p = params(&x.client, &[as_u32(len, "elements"), 0, 0, 0]);
-    let (gx, gy) = fold_groups(as_u32(len.div_ceil(WG as usize), "groups"));
+    let (ty, items) = if len.is_multiple_of(4) {
+        ("vec4<f32>", len / 4)
+    } else {
+        ("f32", len)
+    };
+    let p = params(&x.client, &[as_u32(items, "elements"), 0, 0, 0]);
+    let (gx, gy) = fold_groups(as_u32(items.div_ceil(WG as usize), "groups"));
     WgslKernel::new("activation", TEMPLATE)
         .var("op", act.shader_fn())
+        .var("ty", ty)
         .launch(&x.client, (WG, 1, 1), (gx, gy, 1), vec![binding(&x), binding(&out), p]);
     out
 }
@@ -105,13 +111,16 @@ mod tests {
     fn activations_match_reference() {
         // 1000 values over [-10, 10] (saturated tails included) plus odd length for the tail group.
         let x = random_vec(1001, 80, 10.0);
-        for act in [Activation::Silu, Activation::GeluErf, Activation::GeluTanh] {
-            let want: Vec<f32> = x.iter().map(|&v| act.reference(v)).collect();
-            for_each_device(|dev, label| {
-                let got = crate::activation(upload::<1>(&x, &[x.len()], dev), act);
-                // A&S erf is good to 1.5e-7 absolute; exp/tanh on GPUs to a few ulp.
-                assert_close(&to_vec(got), &want, 1e-6, &format!("{label} {act:?}"));
-            });
+        let x4 = random_vec(1000, 81, 10.0); // a multiple of 4: the vec4 path
+        for x in [&x, &x4] {
+            for act in [Activation::Silu, Activation::GeluErf, Activation::GeluTanh] {
+                let want: Vec<f32> = x.iter().map(|&v| act.reference(v)).collect();
+                for_each_device(|dev, label| {
+                    let got = crate::activation(upload::<1>(x, &[x.len()], dev), act);
+                    // A&S erf is good to 1.5e-7 absolute; exp/tanh on GPUs to a few ulp.
+                    assert_close(&to_vec(got), &want, 1e-6, &format!("{label} {act:?} n={}", x.len()));
+                });
+            }
         }
     }
 }

@@ -37,7 +37,9 @@ pub(crate) fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scale: f32) ->
         return out;
     }
     assert!(skv > 0, "attention: no keys");
-    let tile = Tile::attention();
+    let tile = Tile::attention(crate::tuning::on_cpu(&q.client));
+    // Registers hold 2·TQ·D/4 vec4s: keep that near 128 for wide heads.
+    let tq = tile.tnv.min((512 / d as u32).max(1));
     let p = params(&q.client, &[as_u32(sq, "Sq"), as_u32(skv, "Skv"), scale.to_bits(), 0]);
     let groups = (
         as_u32(sq.div_ceil(tile.wg_x as usize), "query groups"),
@@ -51,6 +53,10 @@ pub(crate) fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scale: f32) ->
     WgslKernel::new("attention", TEMPLATE)
         .var("d4", d / 4)
         .var("kb", tile.tm)
+        .var("tq", tq)
+        .var("decls", decls_code(tq, d as u32 / 4))
+        .var("body", body_code(tq, tile.tm, d as u32 / 4))
+        .var("store", store_code(tq, d as u32 / 4))
         .launch(
             &q.client,
             (tile.wg_x, 1, 1),
@@ -60,8 +66,84 @@ pub(crate) fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scale: f32) ->
     out
 }
 
+/// Per query t: its row index (clamped; results of rows past Sq are not stored), the scaled
+/// query q{t}_{d}, accumulators a{t}_{d}, running max m{t} and denominator l{t}.
+fn decls_code(tq: u32, d4: u32) -> String {
+    let mut s = String::new();
+    for t in 0..tq {
+        s += &format!(
+            "    let qb{t} = (head * p.sq + min(row0 + {t}u, p.sq - 1u)) * D4;\n    var m{t} = NEG;\n    var l{t} = 0.0;\n"
+        );
+        for d in 0..d4 {
+            s += &format!("    let q{t}_{d} = q[qb{t} + {d}u] * scale;\n    var a{t}_{d} = vec4<f32>(0.0);\n");
+        }
+    }
+    s
+}
+
+/// One block of `kb` keys: scores, one rescale per query, then the weighted values.
+fn body_code(tq: u32, kb: u32, d4: u32) -> String {
+    let mut s = String::new();
+    for u in 0..kb {
+        s += &format!("        let kr{u} = kv_base + min(j0 + {u}u, p.skv - 1u) * D4;\n");
+        for d in 0..d4 {
+            s += &format!("        let k{u}_{d} = k[kr{u} + {d}u];\n");
+        }
+        for t in 0..tq {
+            let terms: Vec<String> = (0..d4).map(|d| format!("q{t}_{d} * k{u}_{d}")).collect();
+            s += &format!("        let dv{t}_{u} = {};\n", terms.join(" + "));
+            s += &format!(
+                "        let s{t}_{u} = select(NEG, dv{t}_{u}.x + dv{t}_{u}.y + dv{t}_{u}.z + dv{t}_{u}.w, j0 + {u}u < p.skv);\n"
+            );
+        }
+    }
+    for t in 0..tq {
+        let maxes = (0..kb).fold(format!("m{t}"), |acc, u| format!("max({acc}, s{t}_{u})"));
+        s += &format!(
+            "        let bm{t} = {maxes};\n        let corr{t} = exp(m{t} - bm{t});\n        l{t} *= corr{t};\n        m{t} = bm{t};\n"
+        );
+        for d in 0..d4 {
+            s += &format!("        a{t}_{d} *= corr{t};\n");
+        }
+    }
+    for u in 0..kb {
+        for d in 0..d4 {
+            s += &format!("        let v{u}_{d} = v[kr{u} + {d}u];\n");
+        }
+        for t in 0..tq {
+            s += &format!("        let p{t}_{u} = exp(s{t}_{u} - m{t});\n        l{t} += p{t}_{u};\n");
+            for d in 0..d4 {
+                s += &format!("        a{t}_{d} = fma(vec4<f32>(p{t}_{u}), v{u}_{d}, a{t}_{d});\n");
+            }
+        }
+    }
+    s
+}
+
+fn store_code(tq: u32, d4: u32) -> String {
+    let mut s = String::new();
+    for t in 0..tq {
+        s += &format!("    if (row0 + {t}u < p.sq) {{\n        let inv{t} = 1.0 / l{t};\n");
+        for d in 0..d4 {
+            s += &format!("        o[qb{t} + {d}u] = a{t}_{d} * inv{t};\n");
+        }
+        s += "    }\n";
+    }
+    s
+}
+
 /// CPU reference: the textbook formula with the full score row, f64 throughout.
-pub fn reference(q: &[f32], k: &[f32], v: &[f32], bh: usize, sq: usize, skv: usize, d: usize, scale: f32) -> Vec<f32> {
+/// Attention problem size: `bh` = batch·heads, `sq` queries and `skv` keys of width `d`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub bh: usize,
+    pub sq: usize,
+    pub skv: usize,
+    pub d: usize,
+}
+
+pub fn reference(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, scale: f32) -> Vec<f32> {
+    let AttentionShape { bh, sq, skv, d } = shape;
     let mut out = vec![0f32; bh * sq * d];
     let mut scores = vec![0f64; skv];
     for h in 0..bh {
@@ -88,14 +170,13 @@ pub fn reference(q: &[f32], k: &[f32], v: &[f32], bh: usize, sq: usize, skv: usi
 mod tests {
     use super::*;
     use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
-    use burn::tensor::Tensor;
 
     fn check(b: usize, h: usize, sq: usize, skv: usize, d: usize, seed: u64) {
         let q = random_vec(b * h * sq * d, seed, 1.0);
         let k = random_vec(b * h * skv * d, seed + 1, 1.0);
         let v = random_vec(b * h * skv * d, seed + 2, 1.0);
         let scale = 1.0 / (d as f32).sqrt();
-        let want = reference(&q, &k, &v, b * h, sq, skv, d, scale);
+        let want = reference(&q, &k, &v, AttentionShape { bh: b * h, sq, skv, d }, scale);
         for_each_device(|dev, label| {
             let got = crate::attention(
                 upload::<4>(&q, &[b, h, sq, d], dev),
@@ -135,7 +216,7 @@ mod tests {
         let q = random_vec(sq * d, 64, 30.0);
         let k = random_vec(sq * d, 65, 30.0);
         let v = random_vec(sq * d, 66, 1.0);
-        let want = reference(&q, &k, &v, 1, sq, sq, d, 1.0);
+        let want = reference(&q, &k, &v, AttentionShape { bh: 1, sq, skv: sq, d }, 1.0);
         for_each_device(|dev, label| {
             let t = |x: &[f32]| upload::<4>(x, &[1, 1, sq, d], dev);
             let got = to_vec(crate::attention(t(&q), t(&k), t(&v), 1.0));

@@ -128,29 +128,72 @@ fn load_b_fragment(transpose_b: bool, aligned: bool) -> String {
     }
 }
 
-fn step_fragment(transpose_b: bool) -> &'static str {
-    if transpose_b {
-        "        let b0 = load_b(base_b, col0, k);
-        let b1 = load_b(base_b, col0 + 1u, k);
-        let b2 = load_b(base_b, col0 + 2u, k);
-        let b3 = load_b(base_b, col0 + 3u, k);
-        for (var i = 0u; i < TM; i++) {
-            let av = load_a(base_a, rows[i], k);
-            acc[i] += vec4<f32>(dot(av, b0), dot(av, b1), dot(av, b2), dot(av, b3));
-        }"
-    } else {
-        "        let b0 = load_b(base_b, k, col0);
-        let b1 = load_b(base_b, k + 1u, col0);
-        let b2 = load_b(base_b, k + 2u, col0);
-        let b3 = load_b(base_b, k + 3u, col0);
-        for (var i = 0u; i < TM; i++) {
-            let av = load_a(base_a, rows[i], k);
-            acc[i] = fma(vec4<f32>(av.x), b0, acc[i]);
-            acc[i] = fma(vec4<f32>(av.y), b1, acc[i]);
-            acc[i] = fma(vec4<f32>(av.z), b2, acc[i]);
-            acc[i] = fma(vec4<f32>(av.w), b3, acc[i]);
-        }"
+/// Unrolled register-tile code for a `tm` × `4·tnv` tile: declarations, one K-step of four,
+/// and the guarded stores. Generated rather than looped because lavapipe's compiler keeps
+/// loop-indexed private arrays in memory, which costs more than the FMAs they feed.
+pub(crate) struct TileCode {
+    pub decls: String,
+    pub step: String,
+    pub store: String,
+}
+
+const LANES: [&str; 4] = ["x", "y", "z", "w"];
+
+pub(crate) fn tile_code(tm: u32, tnv: u32, transpose_b: bool, out_cast: &str) -> TileCode {
+    let mut decls = String::new();
+    for i in 0..tm {
+        decls += &format!("    let r{i} = min(row0 + {i}u, p.m - 1u);\n");
+        for g in 0..tnv {
+            decls += &format!("    var acc{i}_{g} = vec4<f32>(0.0);\n");
+        }
     }
+    let mut step = String::new();
+    if transpose_b {
+        // B rows are output columns: one vec4 along K per column, dotted with each row of A.
+        for j in 0..4 * tnv {
+            step += &format!("        let b{j} = load_b(base_b, col0 + {j}u, k);\n");
+        }
+        for i in 0..tm {
+            step += &format!("        let a{i} = load_a(base_a, r{i}, k);\n");
+            for g in 0..tnv {
+                let j = 4 * g;
+                step += &format!(
+                    "        acc{i}_{g} += vec4<f32>(dot(a{i}, b{j}), dot(a{i}, b{}), dot(a{i}, b{}), dot(a{i}, b{}));\n",
+                    j + 1,
+                    j + 2,
+                    j + 3
+                );
+            }
+        }
+    } else {
+        // Rows k..k+4 of B, tnv vec4s of columns each; every A value scales a whole vec4.
+        for r in 0..4 {
+            for g in 0..tnv {
+                step += &format!("        let b{r}_{g} = load_b(base_b, k + {r}u, col0 + {}u);\n", 4 * g);
+            }
+        }
+        for i in 0..tm {
+            step += &format!("        let a{i} = load_a(base_a, r{i}, k);\n");
+            for g in 0..tnv {
+                for (r, lane) in LANES.iter().enumerate() {
+                    step += &format!("        acc{i}_{g} = fma(vec4<f32>(a{i}.{lane}), b{r}_{g}, acc{i}_{g});\n");
+                }
+            }
+        }
+    }
+    let mut store = String::new();
+    for i in 0..tm {
+        store += &format!("    if (row0 + {i}u < p.m) {{\n        let o{i} = base_c + (row0 + {i}u) * p.n + col0;\n");
+        for g in 0..tnv {
+            for (c, lane) in LANES.iter().enumerate() {
+                let j = 4 * g + c as u32;
+                store +=
+                    &format!("        if (col0 + {j}u < p.n) {{ c[o{i} + {j}u] = {out_cast}(acc{i}_{g}.{lane}); }}\n");
+            }
+        }
+        store += "    }\n";
+    }
+    TileCode { decls, step, store }
 }
 
 /// Launches the GEMM on the operands' device.
@@ -178,8 +221,12 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
     if s.m == 0 || s.n == 0 || s.batch == 0 {
         return out;
     }
-    let aligned_a = s.k % 4 == 0;
-    let aligned_b = if transpose_b { s.k % 4 == 0 } else { s.n % 4 == 0 };
+    let aligned_a = s.k.is_multiple_of(4);
+    let aligned_b = if transpose_b {
+        s.k.is_multiple_of(4)
+    } else {
+        s.n.is_multiple_of(4)
+    };
     let vec = |aligned: bool| {
         if aligned {
             format!("vec4<{storage}>")
@@ -187,7 +234,8 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
             storage.to_string()
         }
     };
-    let tile = Tile::gemm(s.m);
+    let tile = Tile::gemm(s.m, crate::tuning::on_cpu(&a.client));
+    let code = tile_code(tile.tm, tile.tnv, transpose_b, storage);
     let words = [
         as_u32(s.m, "M"),
         as_u32(s.n, "N"),
@@ -200,7 +248,10 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
     ];
     let p = params(&a.client, &words);
     let groups = (
-        as_u32(s.n.div_ceil(4).div_ceil(tile.wg_x as usize), "N groups"),
+        as_u32(
+            s.n.div_ceil(4 * tile.tnv as usize).div_ceil(tile.wg_x as usize),
+            "N groups",
+        ),
         as_u32(s.m.div_ceil(tile.tm as usize).div_ceil(tile.wg_y as usize), "M groups"),
         as_u32(s.batch, "batch"),
     );
@@ -215,9 +266,12 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
         .var("b_elem", vec(aligned_b))
         .var("c_elem", storage)
         .var("tm", tile.tm)
+        .var("tn", 4 * tile.tnv)
         .var("load_a", load_rows_fragment("a", aligned_a))
         .var("load_b", load_b_fragment(transpose_b, aligned_b))
-        .var("step", step_fragment(transpose_b))
+        .var("decls", code.decls)
+        .var("step", code.step)
+        .var("store", code.store)
         .launch(
             &a.client,
             (tile.wg_x, tile.wg_y, 1),

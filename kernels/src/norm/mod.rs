@@ -142,17 +142,24 @@ pub fn silu(x: f32) -> f32 {
 }
 
 /// CPU reference for group norm over `x [n, c, spatial]`.
+/// Group norm problem: `n` samples of `c` channels × `spatial` values, in `groups` groups.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormShape {
+    pub n: usize,
+    pub c: usize,
+    pub spatial: usize,
+    pub groups: usize,
+}
+
 pub fn reference_group_norm(
     x: &[f32],
-    n: usize,
-    c: usize,
-    spatial: usize,
+    shape: GroupNormShape,
     gamma: &[f32],
     beta: &[f32],
-    groups: usize,
     eps: f32,
     fuse_silu: bool,
 ) -> Vec<f32> {
+    let GroupNormShape { n, c, spatial, groups } = shape;
     let per = c / groups * spatial;
     let mut out = Vec::with_capacity(x.len());
     for ng in 0..n * groups {
@@ -201,7 +208,19 @@ mod tests {
         let gamma = random_vec(c, 71, 1.0);
         let beta = random_vec(c, 72, 1.0);
         for silu in [false, true] {
-            let want = reference_group_norm(&x, n, c, h * w, &gamma, &beta, groups, 1e-5, silu);
+            let want = reference_group_norm(
+                &x,
+                GroupNormShape {
+                    n,
+                    c,
+                    spatial: h * w,
+                    groups,
+                },
+                &gamma,
+                &beta,
+                1e-5,
+                silu,
+            );
             for_each_device(|dev, label| {
                 let got = crate::group_norm(
                     upload::<4>(&x, &[n, c, h, w], dev),
@@ -223,7 +242,19 @@ mod tests {
         let x = random_vec(c * s, 73, 1.0);
         let gamma = random_vec(c, 74, 1.0);
         let beta = random_vec(c, 75, 1.0);
-        let want = reference_group_norm(&x, 1, c, s, &gamma, &beta, 32, 1e-6, true);
+        let want = reference_group_norm(
+            &x,
+            GroupNormShape {
+                n: 1,
+                c,
+                spatial: s,
+                groups: 32,
+            },
+            &gamma,
+            &beta,
+            1e-6,
+            true,
+        );
         for_each_device(|dev, label| {
             let got = crate::group_norm(
                 upload::<3>(&x, &[1, c, s], dev),

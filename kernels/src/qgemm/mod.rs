@@ -25,63 +25,129 @@ pub fn out_shape(x: &Shape, out_features: &usize) -> Shape {
     Shape::from(d)
 }
 
-const INT8_BODY: &str = "    for (var k = 0u; k < p.k; k += 4u) {
-        let wk = k >> 2u;
-        let q0 = unpack_i8(w[w0 + wk]);
-        let q1 = unpack_i8(w[w1 + wk]);
-        let q2 = unpack_i8(w[w2 + wk]);
-        let q3 = unpack_i8(w[w3 + wk]);
-        for (var i = 0u; i < TM; i++) {
-            let av = load_a(0u, rows[i], k);
-            acc[i] += vec4<f32>(dot(av, q0), dot(av, q1), dot(av, q2), dot(av, q3));
+const LANES: [&str; 4] = ["x", "y", "z", "w"];
+
+/// Rows and accumulators as in the GEMM, plus each channel's clamped index and the offset of its
+/// weight row in units of `w`'s element (a u32, or a vec4<u32> when `vec_words`).
+fn qgemm_decls(tm: u32, tn: u32, vec_words: bool) -> String {
+    let mut s = crate::gemm::tile_code(tm, tn / 4, true, "").decls;
+    let row = if vec_words {
+        "(p.words_per_row >> 2u)"
+    } else {
+        "p.words_per_row"
+    };
+    for j in 0..tn {
+        s += &format!("    let c{j} = min(col0 + {j}u, p.n - 1u);\n    let w{j} = c{j} * {row};\n");
+    }
+    s
+}
+
+/// Unrolled int8 body. `vec_words` (K % 16 == 0): one vec4<u32> (16 values) per channel per
+/// step of 16; otherwise one word (4 values) per step of 4.
+fn int8_body(tm: u32, tn: u32, vec_words: bool) -> String {
+    let (step, words) = if vec_words { (16, 4) } else { (4, 1) };
+    let mut s = format!("    for (var k = 0u; k < p.k; k += {step}u) {{\n        let wk = k / {step}u;\n");
+    for j in 0..tn {
+        if vec_words {
+            s += &format!("        let qv{j} = w[w{j} + wk];\n");
+            for (e, lane) in LANES.iter().enumerate() {
+                s += &format!("        let q{j}_{e} = unpack_i8(qv{j}.{lane});\n");
+            }
+        } else {
+            s += &format!("        let q{j}_0 = unpack_i8(w[w{j} + wk]);\n");
         }
     }
-    // One scale per output channel: applied once, after the sum.
-    let s = vec4<f32>(scales[c0], scales[c1], scales[c2], scales[c3]);
-    for (var i = 0u; i < TM; i++) {
-        acc[i] *= s;
-    }";
+    for i in 0..tm {
+        for e in 0..words {
+            s += &format!("        let a{i}_{e} = load_a(0u, r{i}, k + {}u);\n", 4 * e);
+        }
+        for g in 0..tn / 4 {
+            let col = |j: u32| {
+                (0..words)
+                    .map(|e| format!("dot(a{i}_{e}, q{j}_{e})"))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            };
+            let j = 4 * g;
+            s += &format!(
+                "        acc{i}_{g} += vec4<f32>({}, {}, {}, {});\n",
+                col(j),
+                col(j + 1),
+                col(j + 2),
+                col(j + 3)
+            );
+        }
+    }
+    s += "    }\n    // One scale per output channel: applied once, after the sum.\n";
+    for g in 0..tn / 4 {
+        let j = 4 * g;
+        s += &format!(
+            "    let s{g} = vec4<f32>(scales[c{j}], scales[c{}], scales[c{}], scales[c{}]);\n",
+            j + 1,
+            j + 2,
+            j + 3
+        );
+        for i in 0..tm {
+            s += &format!("    acc{i}_{g} *= s{g};\n");
+        }
+    }
+    s
+}
 
-const INT4_BODY: &str = "    let blocks = (p.k + 31u) / 32u;
-    for (var blk = 0u; blk < blocks; blk++) {
-        var part: array<vec4<f32>, TM>;
-        for (var i = 0u; i < TM; i++) {
-            part[i] = vec4<f32>(0.0);
+/// Unrolled int4 body: one vec4<u32> (a whole 32-value block) per channel per block, partial
+/// sums scaled once by the block's f16 scale. Values past K are zero in the layout and X reads
+/// zero there, so partial blocks need no special case.
+fn int4_body(tm: u32, tn: u32) -> String {
+    let mut s = String::from(
+        "    let blocks = (p.k + 31u) / 32u;\n    for (var blk = 0u; blk < blocks; blk++) {\n        let k = blk * 32u;\n",
+    );
+    for j in 0..tn {
+        s += &format!("        let v{j} = w[w{j} + blk];\n");
+        for (e, lane) in LANES.iter().enumerate() {
+            s += &format!(
+                "        let lo{j}_{e} = unpack_i4_lo(v{j}.{lane});\n        let hi{j}_{e} = unpack_i4_hi(v{j}.{lane});\n"
+            );
         }
-        for (var wi = 0u; wi < 4u; wi++) {
-            let k = blk * 32u + wi * 8u;
-            if (k >= p.k) {
-                break;
-            }
-            let o = blk * 4u + wi;
-            let v0 = w[w0 + o];
-            let v1 = w[w1 + o];
-            let v2 = w[w2 + o];
-            let v3 = w[w3 + o];
-            let l0 = unpack_i4_lo(v0);
-            let h0 = unpack_i4_hi(v0);
-            let l1 = unpack_i4_lo(v1);
-            let h1 = unpack_i4_hi(v1);
-            let l2 = unpack_i4_lo(v2);
-            let h2 = unpack_i4_hi(v2);
-            let l3 = unpack_i4_lo(v3);
-            let h3 = unpack_i4_hi(v3);
-            for (var i = 0u; i < TM; i++) {
-                let lo = load_a(0u, rows[i], k);
-                let hi = load_a(0u, rows[i], k + 4u);
-                part[i] += vec4<f32>(
-                    dot(lo, l0) + dot(hi, h0),
-                    dot(lo, l1) + dot(hi, h1),
-                    dot(lo, l2) + dot(hi, h2),
-                    dot(lo, l3) + dot(hi, h3),
-                );
-            }
+    }
+    for g in 0..tn / 4 {
+        let j = 4 * g;
+        let sc = |j: u32| format!("block_scale(c{j}, blocks, blk)");
+        s += &format!(
+            "        let s{g} = vec4<f32>({}, {}, {}, {});\n",
+            sc(j),
+            sc(j + 1),
+            sc(j + 2),
+            sc(j + 3)
+        );
+    }
+    for i in 0..tm {
+        for e in 0..4 {
+            s += &format!(
+                "        let al{i}_{e} = load_a(0u, r{i}, k + {}u);\n        let ah{i}_{e} = load_a(0u, r{i}, k + {}u);\n",
+                8 * e,
+                8 * e + 4
+            );
         }
-        let s = vec4<f32>(block_scale(c0, blocks, blk), block_scale(c1, blocks, blk), block_scale(c2, blocks, blk), block_scale(c3, blocks, blk));
-        for (var i = 0u; i < TM; i++) {
-            acc[i] = fma(part[i], s, acc[i]);
+        for g in 0..tn / 4 {
+            let col = |j: u32| {
+                (0..4)
+                    .map(|e| format!("dot(al{i}_{e}, lo{j}_{e}) + dot(ah{i}_{e}, hi{j}_{e})"))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            };
+            let j = 4 * g;
+            s += &format!(
+                "        acc{i}_{g} = fma(vec4<f32>({}, {}, {}, {}), s{g}, acc{i}_{g});\n",
+                col(j),
+                col(j + 1),
+                col(j + 2),
+                col(j + 3)
+            );
         }
-    }";
+    }
+    s += "    }\n";
+    s
+}
 
 const INT4_SCALE_FN: &str = "// f16 scales, two a word, row-major [N, blocks].
 fn block_scale(channel: u32, blocks: u32, blk: u32) -> f32 {
@@ -98,7 +164,8 @@ pub(crate) fn launch(
     format: QuantFormat,
 ) -> CubeTensor {
     assert_eq!(x.dtype, DType::F32, "qgemm: activations must be f32, got {:?}", x.dtype);
-    for (t, what) in [(&words, "packed weights")] {
+    {
+        let (t, what) = (&words, "packed weights");
         assert!(
             matches!(t.dtype, DType::I32 | DType::U32),
             "qgemm: {what} must be 32-bit integers, got {:?}",
@@ -111,10 +178,20 @@ pub(crate) fn launch(
     let k = *xd.last().expect("qgemm: activations need at least one dimension");
     let m: usize = xd[..xd.len() - 1].iter().product();
     let n = out_features;
+    let tile = Tile::qgemm(m, crate::tuning::on_cpu(&x.client));
+    let tn = 4 * tile.tnv;
+    // Int4 rows are whole 16-byte blocks; int8 rows are when K is a multiple of 16.
+    let vec_words = format == QuantFormat::Int4 || k.is_multiple_of(16);
     let (words_per_row, scale_elem, body, scale_fn, expected_scales) = match format {
         QuantFormat::Int8 => {
             assert_eq!(scales.dtype, DType::F32, "qgemm int8: scales must be f32");
-            (Int8Weights::words_per_row(k), "f32", INT8_BODY, "", n)
+            (
+                Int8Weights::words_per_row(k),
+                "f32",
+                int8_body(tile.tm, tn, vec_words),
+                "",
+                n,
+            )
         }
         QuantFormat::Int4 => {
             assert!(
@@ -124,7 +201,7 @@ pub(crate) fn launch(
             (
                 Int4Weights::blocks_per_row(k) * 4,
                 "u32",
-                INT4_BODY,
+                int4_body(tile.tm, tn),
                 INT4_SCALE_FN,
                 (n * Int4Weights::blocks_per_row(k)).div_ceil(2),
             )
@@ -149,10 +226,9 @@ pub(crate) fn launch(
     }
     // Aligned rows let X be read as vec4 without guards: K % 4 for int8, whole blocks for int4.
     let aligned = match format {
-        QuantFormat::Int8 => k % 4 == 0,
-        QuantFormat::Int4 => k % INT4_BLOCK == 0,
+        QuantFormat::Int8 => k.is_multiple_of(4),
+        QuantFormat::Int4 => k.is_multiple_of(INT4_BLOCK),
     };
-    let tile = Tile::qgemm(m);
     let p = params(
         &x.client,
         &[
@@ -163,7 +239,7 @@ pub(crate) fn launch(
         ],
     );
     let groups = (
-        as_u32(n.div_ceil(4).div_ceil(tile.wg_x as usize), "N groups"),
+        as_u32(n.div_ceil(tn as usize).div_ceil(tile.wg_x as usize), "N groups"),
         as_u32(m.div_ceil(tile.tm as usize).div_ceil(tile.wg_y as usize), "M groups"),
         1,
     );
@@ -182,9 +258,13 @@ pub(crate) fn launch(
     .var("a_elem", if aligned { "vec4<f32>" } else { "f32" })
     .var("scale_elem", scale_elem)
     .var("tm", tile.tm)
+    .var("tn", tn)
     .var("load_a", load_rows_fragment("x", aligned))
     .var("scale_fn", scale_fn)
+    .var("w_elem", if vec_words { "vec4<u32>" } else { "u32" })
+    .var("decls", qgemm_decls(tile.tm, tn, vec_words))
     .var("body", body)
+    .var("store", crate::gemm::tile_code(tile.tm, tile.tnv, true, "").store)
     .launch(
         &x.client,
         (tile.wg_x, tile.wg_y, 1),

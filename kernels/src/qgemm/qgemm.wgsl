@@ -1,6 +1,8 @@
 // Y = X·Wᵀ with W quantized weight-only (layouts in src/quant.rs), dequantized in registers.
+// Weights are read a vec4<u32> at a time where the layout allows (16 int8 values, or one whole
+// 32-value int4 block): fewer, wider loads are what a weight-bound GEMV needs everywhere.
 //
-// Each invocation owns a TM×4 tile of Y (TM rows of X, 4 output channels). A GEMV is the same
+// Each invocation owns a TM×TN tile of Y (TM rows of X, TN output channels). A GEMV is the same
 // kernel with TM = 1: it is bound by reading W, which is 4× (int8) or 8× (int4) smaller than f32.
 struct Params {
     m: u32,
@@ -10,12 +12,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read_write> x: array<{{ a_elem }}>;
-@group(0) @binding(1) var<storage, read_write> w: array<u32>;
+@group(0) @binding(1) var<storage, read_write> w: array<{{ w_elem }}>;
 @group(0) @binding(2) var<storage, read_write> scales: array<{{ scale_elem }}>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(4) var<storage, read_write> p: Params;
 
 const TM: u32 = {{ tm }}u;
+const TN: u32 = {{ tn }}u;
 
 // X[row, k..k+4]; columns past K read as zero.
 fn load_a(base: u32, row: u32, k: u32) -> vec4<f32> {
@@ -43,38 +46,15 @@ fn unpack_i4_hi(v: u32) -> vec4<f32> {
 
 @compute @workgroup_size({{ wg_x }}, {{ wg_y }}, {{ wg_z }})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let col0 = (wid.x * {{ wg_x }}u + lid.x) * 4u;
+    let col0 = (wid.x * {{ wg_x }}u + lid.x) * TN;
     let row0 = (wid.y * {{ wg_y }}u + lid.y) * TM;
     if (col0 >= p.n || row0 >= p.m) {
         return;
     }
-    var rows: array<u32, TM>;
-    var acc: array<vec4<f32>, TM>;
-    for (var i = 0u; i < TM; i++) {
-        rows[i] = min(row0 + i, p.m - 1u);
-        acc[i] = vec4<f32>(0.0);
-    }
-    // Channels past N read channel N-1; their sums are never stored.
-    let c0 = min(col0, p.n - 1u);
-    let c1 = min(col0 + 1u, p.n - 1u);
-    let c2 = min(col0 + 2u, p.n - 1u);
-    let c3 = min(col0 + 3u, p.n - 1u);
-    let w0 = c0 * p.words_per_row;
-    let w1 = c1 * p.words_per_row;
-    let w2 = c2 * p.words_per_row;
-    let w3 = c3 * p.words_per_row;
-
+    let base_c = 0u;
+    // Generated, fully unrolled (qgemm/mod.rs): rows r{i}, channels c{j} (clamped to N-1; their
+    // sums are never stored), weight-row offsets w{j} and accumulators acc{i}_{g}.
+{{ decls }}
 {{ body }}
-
-    for (var i = 0u; i < TM; i++) {
-        let row = row0 + i;
-        if (row < p.m) {
-            let o = row * p.n + col0;
-            for (var j = 0u; j < 4u; j++) {
-                if (col0 + j < p.n) {
-                    y[o + j] = acc[i][j];
-                }
-            }
-        }
-    }
+{{ store }}
 }

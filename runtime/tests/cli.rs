@@ -1,0 +1,80 @@
+//! The `divergen` binary as a user runs it.
+
+use std::process::Command;
+
+fn divergen(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_divergen"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("divergen runs")
+}
+
+#[test]
+fn devices_json_reports_adapters_and_the_choice() {
+    let out = divergen(&["devices", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let adapters = report["adapters"].as_array().expect("adapters list");
+    match report["chosen"].as_u64() {
+        Some(i) => {
+            let a = &adapters[i as usize];
+            assert!(a["max_storage_binding_bytes"].as_u64().unwrap_or(0) > 0);
+            assert!(a["subgroup_max_size"].is_u64() && a["shader_f16"].is_boolean());
+        }
+        None => assert!(report["backend"].as_str().unwrap_or("").contains("CPU")),
+    }
+}
+
+#[test]
+fn mobile_limits_are_granted_as_webgpu_defaults() {
+    let out = divergen(&["--limits", "mobile", "devices", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    if report["chosen"].is_u64() {
+        assert_eq!(report["granted"]["max_invocations_per_workgroup"], 256);
+        assert_eq!(report["granted"]["max_workgroup_shared_bytes"], 16384);
+        assert_eq!(report["granted"]["max_storage_binding_bytes"], 128 << 20);
+    }
+}
+
+#[test]
+fn bad_settings_fail_with_a_clear_message() {
+    let out = divergen(&["--limits", "tiny", "devices"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits profile 'tiny'"), "{err}");
+
+    let out = divergen(&["--adapter", "no-such-gpu", "devices"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no adapter matches 'no-such-gpu'"));
+
+    let out = divergen(&["--backend", "opengl", "devices"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backend 'opengl'"));
+}
+
+#[test]
+fn quick_kernel_bench_emits_json_lines() {
+    let out = divergen(&[
+        "bench",
+        "kernels",
+        "--quick",
+        "--ours-only",
+        "--json",
+        "--filter",
+        "group_norm",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "group_norm with and without SiLU");
+    for case in lines {
+        assert!(case["kernel"].as_str().unwrap_or("").starts_with("group_norm"));
+        assert!(case["ours_ms"].as_f64().unwrap_or(0.0) > 0.0);
+        assert!(case["gbps"].as_f64().unwrap_or(0.0) > 0.0);
+        assert!(case["shape"].is_string() && case.get("burn_ms").is_some());
+    }
+}
