@@ -30,7 +30,8 @@ pub struct BenchCase {
     pub gbps: Option<f64>,
     pub ours_first_call_ms: f64,
     pub burn_first_call_ms: Option<f64>,
-    /// Device memory the allocator held after the case ran (ours, then burn's), in MiB.
+    /// Device memory in use right after the first call, output still alive (ours, then burn's),
+    /// in MiB: the case's inputs and output plus anything the op keeps.
     pub ours_mem_mib: Option<f64>,
     pub burn_mem_mib: Option<f64>,
     pub note: String,
@@ -49,6 +50,10 @@ pub struct BenchOptions {
 impl BenchOptions {
     fn wants(&self, kernel: &str) -> bool {
         self.filter.as_deref().is_none_or(|f| kernel.contains(f))
+    }
+
+    fn wants_any(&self, kernels: &[&str]) -> bool {
+        kernels.iter().any(|k| self.wants(k))
     }
 }
 
@@ -70,8 +75,12 @@ fn time<T>(device: &Device, quick: bool, mut op: impl FnMut() -> T) -> Timing {
     let start = Instant::now();
     let out = op();
     sync(device);
-    drop(out);
     let first = start.elapsed();
+    // Inputs plus this output (plus whatever the op keeps): what a model holds at this step.
+    let mem_mib = device
+        .memory_pool_usage()
+        .map(|u| u.bytes_in_use as f64 / (1 << 20) as f64);
+    drop(out);
     // Second call: steady state, used to size the runs to ~0.3 s (quick) or ~1 s per sample set.
     let start = Instant::now();
     let out = op();
@@ -90,9 +99,6 @@ fn time<T>(device: &Device, quick: bool, mut op: impl FnMut() -> T) -> Timing {
         times.push(start.elapsed().as_secs_f64() * 1e3 / reps as f64);
     }
     times.sort_by(f64::total_cmp);
-    let mem_mib = device
-        .memory_pool_usage()
-        .map(|u| u.bytes_reserved as f64 / (1 << 20) as f64);
     Timing {
         first_ms: first.as_secs_f64() * 1e3,
         median_ms: times[times.len() / 2],
@@ -189,7 +195,10 @@ pub fn run(
     } else {
         &[(4096, 4096), (1280, 5120)]
     };
-    for &(n, k) in gemv_shapes.iter().filter(|_| opts.wants("gemv")) {
+    for &(n, k) in gemv_shapes
+        .iter()
+        .filter(|_| opts.wants_any(&["gemv_f32", "gemv_int8", "gemv_int4"]))
+    {
         let w = random_vec(n * k, 5, 0.05);
         let x = rand_tensor([1, k], 6, device);
         let wt: Tensor<2> = upload(&w, &[n, k], device);
@@ -231,7 +240,7 @@ pub fn run(
     }
 
     // Quantized GEMM at batch 256 (a SAM/CLIP token block through a 1024-wide layer).
-    if opts.wants("qgemm") || opts.wants("gemm_bt") {
+    if opts.wants_any(&["gemm_bt_f32", "qgemm_int8", "qgemm_int4"]) {
         let (m, n, k) = (256, 1024, 1024);
         let w = random_vec(n * k, 7, 0.05);
         let x = rand_tensor([m, k], 8, device);
@@ -337,14 +346,17 @@ pub fn run(
     }
 
     // Group norm (+SiLU) on a 320-channel 64×64 map: every SD ResNet block starts so.
-    if opts.wants("group_norm") {
+    if opts.wants_any(&["group_norm", "group_norm_silu"]) {
         let (c, hw) = (320, 64);
         let x = rand_tensor([1, c, hw, hw], 15, device);
         let gamma = rand_tensor([c], 16, device);
         let beta = rand_tensor([c], 17, device);
         let bytes = Some(2.0 * (c * hw * hw * 4) as f64);
         let norm = burn::nn::GroupNormConfig::new(32, c).init(device);
-        for silu in [false, true] {
+        for silu in [false, true]
+            .into_iter()
+            .filter(|&silu| opts.wants(if silu { "group_norm_silu" } else { "group_norm" }))
+        {
             let ours = time(device, q, || {
                 group_norm(x.clone(), gamma.clone(), beta.clone(), 32, 1e-5, silu)
             });
@@ -367,12 +379,12 @@ pub fn run(
     }
 
     // Convolutions: a 320-channel 3×3 (UNet's most common conv) and its stride-2 downsampler.
-    if opts.wants("conv") {
+    if opts.wants_any(&["conv3x3", "conv1x1"]) {
         let (c, hw) = if q { (128, 32) } else { (320, 32) };
         let x = rand_tensor([1, c, hw, hw], 18, device);
         let w = upload::<4>(&random_vec(c * c * 9, 19, 0.05), &[c, c, 3, 3], device);
         let b = rand_tensor([c], 20, device);
-        for stride in [1, 2] {
+        for stride in [1, 2].into_iter().filter(|_| opts.wants("conv3x3")) {
             let ours = time(device, q, || conv2d(x.clone(), w.clone(), b.clone(), stride, 1));
             let burn = burn_side(&mut || {
                 time(device, q, || {
@@ -398,33 +410,35 @@ pub fn run(
                 "",
             ));
         }
-        let w1 = upload::<4>(&random_vec(c * c, 21, 0.05), &[c, c, 1, 1], device);
-        let ours = time(device, q, || conv2d(x.clone(), w1.clone(), b.clone(), 1, 0));
-        let burn = burn_side(&mut || {
-            time(device, q, || {
-                burn_conv2d(
-                    x.clone(),
-                    w1.clone(),
-                    Some(b.clone()),
-                    ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
-                )
-            })
-        });
-        push(case(
-            "conv1x1",
-            format!("{c}->{c} {hw}x{hw}"),
-            Work {
-                flops: Some(2.0 * (c * c * hw * hw) as f64),
-                bytes: None,
-            },
-            ours,
-            burn,
-            "",
-        ));
+        if opts.wants("conv1x1") {
+            let w1 = upload::<4>(&random_vec(c * c, 21, 0.05), &[c, c, 1, 1], device);
+            let ours = time(device, q, || conv2d(x.clone(), w1.clone(), b.clone(), 1, 0));
+            let burn = burn_side(&mut || {
+                time(device, q, || {
+                    burn_conv2d(
+                        x.clone(),
+                        w1.clone(),
+                        Some(b.clone()),
+                        ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
+                    )
+                })
+            });
+            push(case(
+                "conv1x1",
+                format!("{c}->{c} {hw}x{hw}"),
+                Work {
+                    flops: Some(2.0 * (c * c * hw * hw) as f64),
+                    bytes: None,
+                },
+                ours,
+                burn,
+                "",
+            ));
+        }
     }
 
     // GELU over 4M values (memory bound).
-    if opts.wants("gelu") {
+    if opts.wants("gelu_erf") {
         let n = 1 << 22;
         let x = rand_tensor([n], 22, device);
         let ours = time(device, q, || gelu(x.clone(), false));
@@ -457,7 +471,7 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 /// The results as a Markdown table (what kernels/BENCHMARKS.md records).
 pub fn markdown(cases: &[BenchCase]) -> String {
     let mut s = String::from(
-        "| kernel | shape | ours ms | burn ms | burn/ours | GFLOP/s | GB/s | first call ours / burn ms | mem MiB ours / burn | note |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| kernel | shape | ours ms | burn ms | burn/ours | GFLOP/s | GB/s | first call ours / burn ms | MiB in use ours / burn | note |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for c in cases {
         s.push_str(&format!(

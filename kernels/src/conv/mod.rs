@@ -81,6 +81,79 @@ pub fn upsample_shape(x: &Shape) -> Shape {
     Shape::from(d)
 }
 
+const LANES: [&str; 4] = ["x", "y", "z", "w"];
+
+/// Unrolled tile code for `tm` output channels × `tp` (a multiple of 4) output pixels.
+fn conv_code(tm: u32, tp: u32) -> (String, String, String) {
+    let mut decls = String::new();
+    for j in 0..tp {
+        decls += &format!(
+            "    let pj{j} = min(pix0 + {j}u, npix - 1u);\n    let iy{j} = i32((pj{j} / p.ow) * p.stride) - i32(p.pad);\n    let ix{j} = i32((pj{j} % p.ow) * p.stride) - i32(p.pad);\n"
+        );
+    }
+    for i in 0..tm {
+        decls += &format!("    let wr{i} = min(co0 + {i}u, p.co - 1u) * k_len;\n");
+        for g in 0..tp / 4 {
+            decls += &format!("    var acc{i}_{g} = vec4<f32>(0.0);\n");
+        }
+    }
+    let mut step = String::new();
+    for j in 0..tp {
+        step += &format!(
+            "                let yy{j} = iy{j} + i32(ky);\n                let xx{j} = ix{j} + i32(kx);\n                let ok{j} = yy{j} >= 0 && yy{j} < ih && xx{j} >= 0 && xx{j} < iw;\n                let x{j} = select(0.0, x[x_base + u32(select(0, yy{j} * iw + xx{j}, ok{j}))], ok{j});\n"
+        );
+    }
+    for g in 0..tp / 4 {
+        let j = 4 * g;
+        step += &format!(
+            "                let xv{g} = vec4<f32>(x{j}, x{}, x{}, x{});\n",
+            j + 1,
+            j + 2,
+            j + 3
+        );
+    }
+    for i in 0..tm {
+        step += &format!("                let w{i} = vec4<f32>(wt[wr{i} + tap]);\n");
+        for g in 0..tp / 4 {
+            step += &format!("                acc{i}_{g} = fma(w{i}, xv{g}, acc{i}_{g});\n");
+        }
+    }
+    let mut store = String::new();
+    for i in 0..tm {
+        store += &format!(
+            "    if (co0 + {i}u < p.co) {{\n        let o{i} = (n * p.co + co0 + {i}u) * npix + pix0;\n        let b{i} = bias[co0 + {i}u];\n"
+        );
+        for g in 0..tp / 4 {
+            for (c, lane) in LANES.iter().enumerate() {
+                let j = 4 * g + c as u32;
+                store += &format!("        if (pix0 + {j}u < npix) {{ y[o{i} + {j}u] = acc{i}_{g}.{lane} + b{i}; }}\n");
+            }
+        }
+        store += "    }\n";
+    }
+    (decls, step, store)
+}
+
+/// A 1×1, stride-1, unpadded convolution is `W [Co, Ci] · X[n] [Ci, H·W]` for each sample: run
+/// it through the GEMM kernel (vec4 loads, large register tiles), then add the bias with burn.
+fn conv1x1_as_gemm(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, s: &ConvShape) -> CubeTensor {
+    use burn::backend::ops::FloatTensorOps;
+    let view = |t: &CubeTensor, dims: Vec<usize>| {
+        CubeTensor::new_contiguous(
+            t.client.clone(),
+            t.device.clone(),
+            Shape::from(dims),
+            t.handle.clone(),
+            t.dtype,
+        )
+    };
+    let w = view(&weight, vec![1, s.co, s.ci]);
+    let xs = view(&x, vec![s.n, s.ci, s.h * s.w]);
+    let y = crate::gemm::launch(w, xs, false); // [N, Co, H·W]
+    let y = burn::backend::wgpu::CubeBackend::float_add(y, view(&bias, vec![1, s.co, 1]));
+    view(&into_contiguous(y), s.out_dims().to_vec())
+}
+
 pub(crate) fn launch_conv2d(
     x: CubeTensor,
     weight: CubeTensor,
@@ -103,7 +176,12 @@ pub(crate) fn launch_conv2d(
     if s.n * s.co * s.oh * s.ow == 0 {
         return out;
     }
-    let tile = Tile::conv();
+    if s.kh == 1 && s.kw == 1 && stride == 1 && pad == 0 {
+        return conv1x1_as_gemm(x, weight, bias, &s);
+    }
+    let tile = Tile::conv(crate::tuning::on_cpu(&x.client));
+    let tp = 4 * tile.tnv;
+    let (decls, step, store) = conv_code(tile.tm, tp);
     let u = |v: usize, what| as_u32(v, what);
     let p = params(
         &x.client,
@@ -123,7 +201,10 @@ pub(crate) fn launch_conv2d(
         ],
     );
     let groups = (
-        u((s.oh * s.ow).div_ceil(4).div_ceil(tile.wg_x as usize), "pixel groups"),
+        u(
+            (s.oh * s.ow).div_ceil(tp as usize).div_ceil(tile.wg_x as usize),
+            "pixel groups",
+        ),
         u(
             s.co.div_ceil(tile.tm as usize).div_ceil(tile.wg_y as usize),
             "channel groups",
@@ -134,12 +215,18 @@ pub(crate) fn launch_conv2d(
         groups.0 <= crate::launch::MAX_GROUPS_PER_DIM && groups.2 <= crate::launch::MAX_GROUPS_PER_DIM,
         "conv2d: {s:?} exceeds one dispatch"
     );
-    WgslKernel::new("conv2d", CONV).var("tm", tile.tm).launch(
-        &x.client,
-        (tile.wg_x, tile.wg_y, 1),
-        groups,
-        vec![binding(&x), binding(&weight), binding(&bias), binding(&out), p],
-    );
+    WgslKernel::new("conv2d", CONV)
+        .var("tm", tile.tm)
+        .var("tp", tp)
+        .var("decls", decls)
+        .var("step", step)
+        .var("store", store)
+        .launch(
+            &x.client,
+            (tile.wg_x, tile.wg_y, 1),
+            groups,
+            vec![binding(&x), binding(&weight), binding(&bias), binding(&out), p],
+        );
     out
 }
 
