@@ -344,14 +344,18 @@ pub fn gemm_bt<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
 /// A quantized `[N, K]` weight resident on a device, ready for [`qgemm`].
 #[derive(Clone, Debug)]
 pub struct QuantizedWeight {
-    pub format: QuantFormat,
     pub out_features: usize,
     pub in_features: usize,
     words: Tensor<1, Int>,
-    /// f32 scales (int8); int4 keeps its packed f16 pairs in `packed_scales`.
-    scales: Option<Tensor<1>>,
-    packed_scales: Option<Tensor<1, Int>>,
+    scales: Scales,
     bytes: usize,
+}
+
+/// Per-format scales: f32 per channel (int8) or f16 pairs packed in 32-bit words (int4).
+#[derive(Clone, Debug)]
+enum Scales {
+    Int8(Tensor<1>),
+    Int4(Tensor<1, Int>),
 }
 
 fn words_tensor(words: &[u32], device: &Device) -> Tensor<1, Int> {
@@ -362,29 +366,30 @@ fn words_tensor(words: &[u32], device: &Device) -> Tensor<1, Int> {
 
 impl QuantizedWeight {
     pub fn int8(w: &Int8Weights, device: &Device) -> Self {
+        let scales = Tensor::from_data(TensorData::new(w.scales.clone(), [w.scales.len()]), device);
         Self {
-            format: QuantFormat::Int8,
             out_features: w.n,
             in_features: w.k,
             words: words_tensor(&w.words, device),
-            scales: Some(Tensor::from_data(
-                TensorData::new(w.scales.clone(), [w.scales.len()]),
-                device,
-            )),
-            packed_scales: None,
+            scales: Scales::Int8(scales),
             bytes: w.bytes(),
         }
     }
 
     pub fn int4(w: &Int4Weights, device: &Device) -> Self {
         Self {
-            format: QuantFormat::Int4,
             out_features: w.n,
             in_features: w.k,
             words: words_tensor(&w.words, device),
-            scales: None,
-            packed_scales: Some(words_tensor(&w.scales, device)),
+            scales: Scales::Int4(words_tensor(&w.scales, device)),
             bytes: w.bytes(),
+        }
+    }
+
+    pub fn format(&self) -> QuantFormat {
+        match self.scales {
+            Scales::Int8(_) => QuantFormat::Int8,
+            Scales::Int4(_) => QuantFormat::Int4,
         }
     }
 
@@ -403,22 +408,12 @@ pub fn qgemm<const D: usize>(x: Tensor<D>, w: &QuantizedWeight) -> Tensor<D> {
         w.in_features
     );
     let (x, words) = (x.into_dispatch(), w.words.clone().into_dispatch());
-    Tensor::from_dispatch(match w.format {
-        QuantFormat::Int8 => {
-            let scales = w
-                .scales
-                .clone()
-                .expect("int8 weight carries f32 scales")
-                .into_dispatch();
-            <Dispatch as DivergenKernels>::qgemm_int8(x, words, scales, w.out_features)
+    Tensor::from_dispatch(match &w.scales {
+        Scales::Int8(scales) => {
+            <Dispatch as DivergenKernels>::qgemm_int8(x, words, scales.clone().into_dispatch(), w.out_features)
         }
-        QuantFormat::Int4 => {
-            let scales = w
-                .packed_scales
-                .clone()
-                .expect("int4 weight carries packed scales")
-                .into_dispatch();
-            <Dispatch as DivergenKernels>::qgemm_int4(x, words, scales, w.out_features)
+        Scales::Int4(scales) => {
+            <Dispatch as DivergenKernels>::qgemm_int4(x, words, scales.clone().into_dispatch(), w.out_features)
         }
     })
 }
