@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bench;
+mod codegen;
 pub mod conv;
 pub mod device;
 pub mod gemm;

@@ -4,6 +4,7 @@
 use burn::backend::wgpu::{CubeTensor, into_contiguous};
 use burn::tensor::{DType, Shape};
 
+use crate::codegen::{LANES, vec4_of};
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, fold_groups, params};
 use crate::tuning::Tile;
 
@@ -81,8 +82,6 @@ pub fn upsample_shape(x: &Shape) -> Shape {
     Shape::from(d)
 }
 
-const LANES: [&str; 4] = ["x", "y", "z", "w"];
-
 /// Unrolled tile code for `tm` output channels × `tp` (a multiple of 4) output pixels.
 fn conv_code(tm: u32, tp: u32) -> (String, String, String) {
     let mut decls = String::new();
@@ -104,13 +103,8 @@ fn conv_code(tm: u32, tp: u32) -> (String, String, String) {
         );
     }
     for g in 0..tp / 4 {
-        let j = 4 * g;
-        step += &format!(
-            "                let xv{g} = vec4<f32>(x{j}, x{}, x{}, x{});\n",
-            j + 1,
-            j + 2,
-            j + 3
-        );
+        let xv = vec4_of(4 * g, |j| format!("x{j}"));
+        step += &format!("                let xv{g} = {xv};\n");
     }
     for i in 0..tm {
         step += &format!("                let w{i} = vec4<f32>(wt[wr{i} + tap]);\n");

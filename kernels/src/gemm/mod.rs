@@ -7,6 +7,7 @@ use burn::backend::wgpu::{CubeTensor, into_contiguous};
 use burn::cubecl::ir::{ElemType, FloatKind};
 use burn::tensor::{DType, Shape};
 
+use crate::codegen::{LANES, vec4_of};
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, params};
 use crate::tuning::Tile;
 
@@ -137,8 +138,6 @@ pub(crate) struct TileCode {
     pub store: String,
 }
 
-const LANES: [&str; 4] = ["x", "y", "z", "w"];
-
 pub(crate) fn tile_code(tm: u32, tnv: u32, transpose_b: bool, out_cast: &str) -> TileCode {
     let mut decls = String::new();
     for i in 0..tm {
@@ -156,13 +155,8 @@ pub(crate) fn tile_code(tm: u32, tnv: u32, transpose_b: bool, out_cast: &str) ->
         for i in 0..tm {
             step += &format!("        let a{i} = load_a(base_a, r{i}, k);\n");
             for g in 0..tnv {
-                let j = 4 * g;
-                step += &format!(
-                    "        acc{i}_{g} += vec4<f32>(dot(a{i}, b{j}), dot(a{i}, b{}), dot(a{i}, b{}), dot(a{i}, b{}));\n",
-                    j + 1,
-                    j + 2,
-                    j + 3
-                );
+                let sum = vec4_of(4 * g, |j| format!("dot(a{i}, b{j})"));
+                step += &format!("        acc{i}_{g} += {sum};\n");
             }
         }
     } else {

@@ -4,6 +4,7 @@
 use burn::backend::wgpu::{CubeTensor, into_contiguous};
 use burn::tensor::{DType, Shape};
 
+use crate::codegen::{LANES, vec4_of};
 use crate::gemm::load_rows_fragment;
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, params};
 use crate::quant::{INT4_BLOCK, Int4Weights, Int8Weights};
@@ -24,8 +25,6 @@ pub fn out_shape(x: &Shape, out_features: &usize) -> Shape {
     }
     Shape::from(d)
 }
-
-const LANES: [&str; 4] = ["x", "y", "z", "w"];
 
 /// Rows and accumulators as in the GEMM, plus each channel's clamped index and the offset of its
 /// weight row in units of `w`'s element (a u32, or a vec4<u32> when `vec_words`).
@@ -68,25 +67,12 @@ fn int8_body(tm: u32, tn: u32, vec_words: bool) -> String {
                     .collect::<Vec<_>>()
                     .join(" + ")
             };
-            let j = 4 * g;
-            s += &format!(
-                "        acc{i}_{g} += vec4<f32>({}, {}, {}, {});\n",
-                col(j),
-                col(j + 1),
-                col(j + 2),
-                col(j + 3)
-            );
+            s += &format!("        acc{i}_{g} += {};\n", vec4_of(4 * g, col));
         }
     }
     s += "    }\n    // One scale per output channel: applied once, after the sum.\n";
     for g in 0..tn / 4 {
-        let j = 4 * g;
-        s += &format!(
-            "    let s{g} = vec4<f32>(scales[c{j}], scales[c{}], scales[c{}], scales[c{}]);\n",
-            j + 1,
-            j + 2,
-            j + 3
-        );
+        s += &format!("    let s{g} = {};\n", vec4_of(4 * g, |j| format!("scales[c{j}]")));
         for i in 0..tm {
             s += &format!("    acc{i}_{g} *= s{g};\n");
         }
@@ -110,15 +96,8 @@ fn int4_body(tm: u32, tn: u32) -> String {
         }
     }
     for g in 0..tn / 4 {
-        let j = 4 * g;
-        let sc = |j: u32| format!("block_scale(c{j}, blocks, blk)");
-        s += &format!(
-            "        let s{g} = vec4<f32>({}, {}, {}, {});\n",
-            sc(j),
-            sc(j + 1),
-            sc(j + 2),
-            sc(j + 3)
-        );
+        let scales = vec4_of(4 * g, |j| format!("block_scale(c{j}, blocks, blk)"));
+        s += &format!("        let s{g} = {scales};\n");
     }
     for i in 0..tm {
         for e in 0..4 {
@@ -135,14 +114,7 @@ fn int4_body(tm: u32, tn: u32) -> String {
                     .collect::<Vec<_>>()
                     .join(" + ")
             };
-            let j = 4 * g;
-            s += &format!(
-                "        acc{i}_{g} = fma(vec4<f32>({}, {}, {}, {}), s{g}, acc{i}_{g});\n",
-                col(j),
-                col(j + 1),
-                col(j + 2),
-                col(j + 3)
-            );
+            s += &format!("        acc{i}_{g} = fma({}, s{g}, acc{i}_{g});\n", vec4_of(4 * g, col));
         }
     }
     s += "    }\n";
