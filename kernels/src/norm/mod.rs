@@ -64,7 +64,15 @@ pub(crate) fn launch_group_norm(
         wgs <= crate::launch::MAX_GROUPS_PER_DIM,
         "group_norm: N·groups = {wgs} exceeds one dispatch"
     );
+    let (ty, width, hsum) = if spatial.is_multiple_of(4) {
+        ("vec4<f32>", 4, "dot(v, vec4<f32>(1.0))")
+    } else {
+        ("f32", 1, "v")
+    };
     WgslKernel::new("group_norm", GROUP_NORM)
+        .var("ty", ty)
+        .var("width", width)
+        .var("hsum", hsum)
         .with_part(REDUCE)
         .var("activation", if silu { "        v = v / (1.0 + exp(-v));" } else { "" })
         .launch(
