@@ -11,15 +11,28 @@ use burn::tensor::{DType, Shape};
 /// WebGPU guarantees 65,535 workgroups per dispatch dimension; grids past that fold into `y`.
 pub(crate) const MAX_GROUPS_PER_DIM: u32 = 65_535;
 
+type Generator = Box<dyn Fn() -> String + Send + Sync>;
+
 /// One WGSL file plus the values that fill its `{{ name }}` placeholders.
 ///
-/// The placeholder values are part of the kernel id, so each variant compiles once and is cached.
-#[derive(Debug)]
+/// Small values (`var`) form the kernel id, so each variant compiles once and is cached.
+/// Generated code (`generated`: unrolled register tiles, kilobytes of text) is produced only when
+/// the variant compiles, never per launch, and so must be a pure function of the name and vars.
 pub(crate) struct WgslKernel {
     name: &'static str,
     /// Source files concatenated in order (a kernel plus shared helpers).
     parts: Vec<&'static str>,
     vars: Vec<(&'static str, String)>,
+    generated: Vec<(&'static str, Generator)>,
+}
+
+impl std::fmt::Debug for WgslKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgslKernel")
+            .field("name", &self.name)
+            .field("vars", &self.vars)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WgslKernel {
@@ -28,6 +41,7 @@ impl WgslKernel {
             name,
             parts: vec![template],
             vars: Vec::new(),
+            generated: Vec::new(),
         }
     }
 
@@ -39,6 +53,16 @@ impl WgslKernel {
 
     pub(crate) fn var(mut self, key: &'static str, value: impl ToString) -> Self {
         self.vars.push((key, value.to_string()));
+        self
+    }
+
+    /// A placeholder filled by `generate` when (and only when) the variant is compiled.
+    pub(crate) fn generated(
+        mut self,
+        key: &'static str,
+        generate: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.generated.push((key, Box::new(generate)));
         self
     }
 
@@ -65,11 +89,12 @@ impl WgslKernel {
 
 impl KernelSource for WgslKernel {
     fn source(&self) -> SourceTemplate {
-        self.vars
+        let template = SourceTemplate::new(self.parts.concat());
+        let template = self
+            .generated
             .iter()
-            .fold(SourceTemplate::new(self.parts.concat()), |t, (k, v)| {
-                t.register(*k, v.clone())
-            })
+            .fold(template, |t, (k, generate)| t.register(*k, generate()));
+        self.vars.iter().fold(template, |t, (k, v)| t.register(*k, v.clone()))
     }
 
     fn id(&self) -> KernelId {

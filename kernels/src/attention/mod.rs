@@ -54,9 +54,9 @@ pub(crate) fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scale: f32) ->
         .var("d4", d / 4)
         .var("kb", tile.tm)
         .var("tq", tq)
-        .var("decls", decls_code(tq, d as u32 / 4))
-        .var("body", body_code(tq, tile.tm, d as u32 / 4))
-        .var("store", store_code(tq, d as u32 / 4))
+        .generated("decls", move || decls_code(tq, d as u32 / 4))
+        .generated("body", move || body_code(tq, tile.tm, d as u32 / 4))
+        .generated("store", move || store_code(tq, d as u32 / 4))
         .launch(
             &q.client,
             (tile.wg_x, 1, 1),

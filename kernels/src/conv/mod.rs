@@ -175,7 +175,6 @@ pub(crate) fn launch_conv2d(
     }
     let tile = Tile::conv(crate::tuning::on_cpu(&x.client));
     let tp = 4 * tile.tnv;
-    let (decls, step, store) = conv_code(tile.tm, tp);
     let u = |v: usize, what| as_u32(v, what);
     let p = params(
         &x.client,
@@ -212,9 +211,9 @@ pub(crate) fn launch_conv2d(
     WgslKernel::new("conv2d", CONV)
         .var("tm", tile.tm)
         .var("tp", tp)
-        .var("decls", decls)
-        .var("step", step)
-        .var("store", store)
+        .generated("decls", move || conv_code(tile.tm, tp).0)
+        .generated("step", move || conv_code(tile.tm, tp).1)
+        .generated("store", move || conv_code(tile.tm, tp).2)
         .launch(
             &x.client,
             (tile.wg_x, tile.wg_y, 1),

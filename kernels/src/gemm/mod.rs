@@ -229,7 +229,6 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
         }
     };
     let tile = Tile::gemm(s.m, crate::tuning::on_cpu(&a.client));
-    let code = tile_code(tile.tm, tile.tnv, transpose_b, storage);
     let words = [
         as_u32(s.m, "M"),
         as_u32(s.n, "N"),
@@ -263,9 +262,14 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
         .var("tn", 4 * tile.tnv)
         .var("load_a", load_rows_fragment("a", aligned_a))
         .var("load_b", load_b_fragment(transpose_b, aligned_b))
-        .var("decls", code.decls)
-        .var("step", code.step)
-        .var("store", code.store)
+        .var("transpose_b", transpose_b)
+        .generated("decls", move || {
+            tile_code(tile.tm, tile.tnv, transpose_b, storage).decls
+        })
+        .generated("step", move || tile_code(tile.tm, tile.tnv, transpose_b, storage).step)
+        .generated("store", move || {
+            tile_code(tile.tm, tile.tnv, transpose_b, storage).store
+        })
         .launch(
             &a.client,
             (tile.wg_x, tile.wg_y, 1),

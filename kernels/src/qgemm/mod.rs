@@ -154,16 +154,10 @@ pub(crate) fn launch(
     let tn = 4 * tile.tnv;
     // Int4 rows are whole 16-byte blocks; int8 rows are when K is a multiple of 16.
     let vec_words = format == QuantFormat::Int4 || k.is_multiple_of(16);
-    let (words_per_row, scale_elem, body, scale_fn, expected_scales) = match format {
+    let (words_per_row, scale_elem, scale_fn, expected_scales) = match format {
         QuantFormat::Int8 => {
             assert_eq!(scales.dtype, DType::F32, "qgemm int8: scales must be f32");
-            (
-                Int8Weights::words_per_row(k),
-                "f32",
-                int8_body(tile.tm, tn, vec_words),
-                "",
-                n,
-            )
+            (Int8Weights::words_per_row(k), "f32", "", n)
         }
         QuantFormat::Int4 => {
             assert!(
@@ -173,7 +167,6 @@ pub(crate) fn launch(
             (
                 Int4Weights::blocks_per_row(k) * 4,
                 "u32",
-                int4_body(tile.tm, tn),
                 INT4_SCALE_FN,
                 (n * Int4Weights::blocks_per_row(k)).div_ceil(2),
             )
@@ -234,9 +227,14 @@ pub(crate) fn launch(
     .var("load_a", load_rows_fragment("x", aligned))
     .var("scale_fn", scale_fn)
     .var("w_elem", if vec_words { "vec4<u32>" } else { "u32" })
-    .var("decls", qgemm_decls(tile.tm, tn, vec_words))
-    .var("body", body)
-    .var("store", crate::gemm::tile_code(tile.tm, tile.tnv, true, "").store)
+    .generated("decls", move || qgemm_decls(tile.tm, tn, vec_words))
+    .generated("body", move || match format {
+        QuantFormat::Int8 => int8_body(tile.tm, tn, vec_words),
+        QuantFormat::Int4 => int4_body(tile.tm, tn),
+    })
+    .generated("store", move || {
+        crate::gemm::tile_code(tile.tm, tile.tnv, true, "").store
+    })
     .launch(
         &x.client,
         (tile.wg_x, tile.wg_y, 1),
