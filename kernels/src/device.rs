@@ -160,10 +160,6 @@ pub struct GrantedLimits {
 }
 
 impl ComputeDevice {
-    pub fn is_gpu(&self) -> bool {
-        self.adapter.is_some()
-    }
-
     pub fn describe(&self) -> String {
         match &self.adapter {
             Some(a) => format!("{} ({}, {}, limits: {})", a.name, a.backend, a.device_type, self.limits),

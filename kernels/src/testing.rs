@@ -111,11 +111,3 @@ pub fn assert_close(got: &[f32], want: &[f32], tolerance: f32, what: &str) {
         );
     }
 }
-
-/// Cosine similarity, for quantized-model checks.
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    (dot / (na * nb).max(f64::MIN_POSITIVE)) as f32
-}

@@ -62,10 +62,6 @@ impl ConvShape {
     pub fn out_dims(&self) -> [usize; 4] {
         [self.n, self.co, self.oh, self.ow]
     }
-
-    pub fn flops(&self) -> f64 {
-        2.0 * (self.n * self.co * self.oh * self.ow * self.ci * self.kh * self.kw) as f64
-    }
 }
 
 pub fn out_shape(x: &Shape, weight: &Shape, stride: &usize, padding: &usize) -> Shape {

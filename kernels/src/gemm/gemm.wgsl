@@ -1,6 +1,6 @@
 // Batched C = A·B or A·Bᵀ with f32 accumulation.
 //
-// Each invocation owns a TM×TN tile of C in registers (TN = 4·TNV columns, as TNV vec4s) and
+// Each invocation owns a TM×TN tile of C in registers (TN a multiple of 4, as vec4s) and
 // streams K four at a time with vec4 loads. No workgroup memory and no barriers. On lavapipe
 // every storage load whose address differs across SIMD lanes becomes a loop over the lanes, so
 // the tile is as large as registers (and cheap spills) allow: each vec4 loaded feeds

@@ -77,10 +77,6 @@ impl GemmShape {
         out.extend([self.m, self.n]);
         out
     }
-
-    pub fn flops(&self) -> f64 {
-        2.0 * (self.batch * self.m * self.n * self.k) as f64
-    }
 }
 
 /// Output shape, for fusion's lazy bookkeeping.
