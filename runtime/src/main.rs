@@ -57,11 +57,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The sample stream to a host.
+    Stream {
+        #[command(subcommand)]
+        what: StreamCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum StreamCommand {
+    /// Send synthetic samples (512x512, about 10 instances) to a host as fast as it acknowledges them.
+    Bench(divergen_runtime::stream::bench::StreamBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +89,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchCommand::Kernels(args),
         } => bench::run_kernels(&request, &args),
+        Command::Stream {
+            what: StreamCommand::Bench(args),
+        } => divergen_runtime::stream::bench::run(&args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,3 @@
+//! The device side of divergen. The `divergen` binary is a thin CLI over this library.
+
+pub mod stream;
