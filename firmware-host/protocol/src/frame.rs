@@ -18,7 +18,10 @@ pub enum FrameError {
     TooLong,
     Cobs,
     TooShort,
-    Crc { expected: u32, found: u32 },
+    Crc {
+        expected: u32,
+        found: u32,
+    },
     /// The CRC matched but the bytes are not a message of this protocol version.
     Deserialize,
     TrailingBytes,
@@ -31,7 +34,10 @@ impl fmt::Display for FrameError {
             FrameError::Cobs => write!(f, "frame is not valid COBS"),
             FrameError::TooShort => write!(f, "frame too short to hold a CRC"),
             FrameError::Crc { expected, found } => {
-                write!(f, "frame CRC mismatch (frame says {expected:08x}, bytes give {found:08x})")
+                write!(
+                    f,
+                    "frame CRC mismatch (frame says {expected:08x}, bytes give {found:08x})"
+                )
             }
             FrameError::Deserialize => write!(f, "frame passed its CRC but is not a valid message"),
             FrameError::TrailingBytes => write!(f, "frame has bytes after its message"),
@@ -93,7 +99,11 @@ impl Default for FrameDecoder {
 
 impl FrameDecoder {
     pub fn with_limit(limit: usize) -> Self {
-        FrameDecoder { partial: Vec::new(), limit: limit.min(MAX_FRAME_BYTES), discarding: false }
+        FrameDecoder {
+            partial: Vec::new(),
+            limit: limit.min(MAX_FRAME_BYTES),
+            discarding: false,
+        }
     }
 
     /// Feeds received bytes; calls `on_frame` with each complete frame body (delimiter stripped;
@@ -155,7 +165,12 @@ mod tests {
 
     fn sample(seq: u64) -> DeviceMessage {
         DeviceMessage::Sample(Sample {
-            provenance: Provenance { device_id: "dev-1".into(), run_id: "run.7".into(), seed: 42, seq },
+            provenance: Provenance {
+                device_id: "dev-1".into(),
+                run_id: "run.7".into(),
+                seed: 42,
+                seq,
+            },
             width: 2,
             height: 1,
             image: ImageData::Rgb8(vec![0, 1, 2, 0, 0, 255]),
@@ -163,7 +178,12 @@ mod tests {
                 category_id: 3,
                 bbox: [1.0, 0.0, 1.0, 1.0],
                 mask: Rle::from_row_major(1, 2, &[0, 1]),
-                origin: Origin::Generated { generator_id: 1, prompt_id: 9, clip_score: 0.71, sam_iou: 0.93 },
+                origin: Origin::Generated {
+                    generator_id: 1,
+                    prompt_id: 9,
+                    clip_score: 0.71,
+                    sam_iou: 0.93,
+                },
             }],
             neg_category_ids: vec![5],
             not_exhaustive_category_ids: vec![],
@@ -180,7 +200,11 @@ mod tests {
     fn messages_round_trip_through_frames_fed_byte_by_byte() {
         let messages = [sample(0), sample(1), DeviceMessage::Heartbeat];
         let stream: Vec<u8> = messages.iter().flat_map(encode_message).collect();
-        assert_eq!(stream.iter().filter(|&&b| b == 0).count(), 3, "only delimiters are zero");
+        assert_eq!(
+            stream.iter().filter(|&&b| b == 0).count(),
+            3,
+            "only delimiters are zero"
+        );
         let mut decoder = FrameDecoder::default();
         let mut got = Vec::new();
         for b in &stream {
@@ -200,7 +224,10 @@ mod tests {
             corrupt[bit / 8] ^= 1 << (bit % 8);
             // A flip that makes a zero splits the frame: each part must fail on its own.
             for part in corrupt.split(|&b| b == 0).filter(|p| !p.is_empty()) {
-                assert!(decode_message::<DeviceMessage>(part).is_err(), "bit {bit} went undetected");
+                assert!(
+                    decode_message::<DeviceMessage>(part).is_err(),
+                    "bit {bit} went undetected"
+                );
             }
         }
     }
@@ -216,7 +243,10 @@ mod tests {
         let frames = frames_of(&stream, &mut decoder);
         assert_eq!(frames.len(), 2);
         assert!(decode_message::<DeviceMessage>(frames[0].as_ref().unwrap()).is_err());
-        assert_eq!(decode_message::<DeviceMessage>(frames[1].as_ref().unwrap()).unwrap(), sample(2));
+        assert_eq!(
+            decode_message::<DeviceMessage>(frames[1].as_ref().unwrap()).unwrap(),
+            sample(2)
+        );
     }
 
     #[test]
@@ -233,17 +263,33 @@ mod tests {
         let good = encode_message(&DeviceMessage::Heartbeat);
         let mut frames = Vec::new();
         decoder.feed(&[0], |f| frames.push(f.is_ok()));
-        decoder.feed(&good, |f| frames.push(decode_message::<DeviceMessage>(f.unwrap()).is_ok()));
+        decoder.feed(&good, |f| {
+            frames.push(decode_message::<DeviceMessage>(f.unwrap()).is_ok())
+        });
         assert_eq!((errors, frames), (1, vec![true]));
     }
 
     #[test]
     fn validation_names_the_problem() {
-        let DeviceMessage::Sample(mut s) = sample(0) else { unreachable!() };
+        let DeviceMessage::Sample(mut s) = sample(0) else {
+            unreachable!()
+        };
         let table = CategoryTable {
             categories: vec![
-                Category { id: 3, name: "cat".into(), synset: "cat.n.01".into(), def: "".into(), frequency: Frequency::Rare },
-                Category { id: 5, name: "dog".into(), synset: "dog.n.01".into(), def: "".into(), frequency: Frequency::Common },
+                Category {
+                    id: 3,
+                    name: "cat".into(),
+                    synset: "cat.n.01".into(),
+                    def: "".into(),
+                    frequency: Frequency::Rare,
+                },
+                Category {
+                    id: 5,
+                    name: "dog".into(),
+                    synset: "dog.n.01".into(),
+                    def: "".into(),
+                    frequency: Frequency::Common,
+                },
             ],
         };
         s.validate(Some(&table)).unwrap();

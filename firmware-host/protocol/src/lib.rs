@@ -53,13 +53,19 @@ pub enum DeviceMessage {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum HostMessage {
     /// The session is accepted; `next_seq` is the first sequence number the host does not have.
-    Welcome { next_seq: u64 },
+    Welcome {
+        next_seq: u64,
+    },
     /// The host has no category table pinned yet; send it.
     NeedCategories,
     /// Every sample with a sequence number below `next_seq` is durably stored.
-    Ack { next_seq: u64 },
+    Ack {
+        next_seq: u64,
+    },
     /// A frame was lost or arrived out of order; send again from `from`.
-    Resend { from: u64 },
+    Resend {
+        from: u64,
+    },
     Refused(Refusal),
     Heartbeat,
 }
@@ -75,10 +81,19 @@ pub struct Hello {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Refusal {
-    ProtocolVersion { host: u16, device: u16 },
-    CategoryTable { host: [u8; 32], device: [u8; 32] },
+    ProtocolVersion {
+        host: u16,
+        device: u16,
+    },
+    CategoryTable {
+        host: [u8; 32],
+        device: [u8; 32],
+    },
     /// A message that decoded but broke the protocol (bad ids, a sample that fails validation…).
-    Invalid { seq: Option<u64>, problem: String },
+    Invalid {
+        seq: Option<u64>,
+        problem: String,
+    },
     ShuttingDown,
 }
 
@@ -86,7 +101,10 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::ProtocolVersion { host, device } => {
-                write!(f, "protocol version mismatch: host speaks {host}, device speaks {device}")
+                write!(
+                    f,
+                    "protocol version mismatch: host speaks {host}, device speaks {device}"
+                )
             }
             Refusal::CategoryTable { host, device } => write!(
                 f,
@@ -94,7 +112,10 @@ impl fmt::Display for Refusal {
                 Hex(&host[..8]),
                 Hex(&device[..8])
             ),
-            Refusal::Invalid { seq: Some(seq), problem } => write!(f, "sample {seq} refused: {problem}"),
+            Refusal::Invalid {
+                seq: Some(seq),
+                problem,
+            } => write!(f, "sample {seq} refused: {problem}"),
             Refusal::Invalid { seq: None, problem } => write!(f, "message refused: {problem}"),
             Refusal::ShuttingDown => write!(f, "host is shutting down"),
         }
@@ -111,8 +132,12 @@ impl fmt::Display for Hex<'_> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frequency {
+    // LVIS's codes, so an LVIS annotation file's `categories` reads as a table.
+    #[serde(rename = "f")]
     Frequent,
+    #[serde(rename = "c")]
     Common,
+    #[serde(rename = "r")]
     Rare,
 }
 
@@ -198,7 +223,12 @@ pub enum ImageData {
 pub enum Origin {
     /// An annotation of the real background image, kept after pasting.
     Real,
-    Generated { generator_id: u16, prompt_id: u32, clip_score: f32, sam_iou: f32 },
+    Generated {
+        generator_id: u16,
+        prompt_id: u32,
+        clip_score: f32,
+        sam_iou: f32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -231,19 +261,38 @@ impl Sample {
         check_id("run id", &self.provenance.run_id)?;
         let (w, h) = (self.width, self.height);
         if w == 0 || h == 0 || w > limits::MAX_IMAGE_SIDE || h > limits::MAX_IMAGE_SIDE {
-            return Err(alloc::format!("image size {w}x{h} is outside 1..={}", limits::MAX_IMAGE_SIDE));
+            return Err(alloc::format!(
+                "image size {w}x{h} is outside 1..={}",
+                limits::MAX_IMAGE_SIDE
+            ));
         }
         match &self.image {
             ImageData::Rgb8(bytes) if bytes.len() != w as usize * h as usize * 3 => {
-                return Err(alloc::format!("raw RGB8 image has {} bytes, {w}x{h} needs {}", bytes.len(), w * h * 3));
+                return Err(alloc::format!(
+                    "raw RGB8 image has {} bytes, {w}x{h} needs {}",
+                    bytes.len(),
+                    w * h * 3
+                ));
             }
-            ImageData::Png(bytes) if bytes.len() < 8 || bytes[..8] != *b"\x89PNG\r\n\x1a\n" => {
-                return Err(String::from("image is marked PNG but has no PNG signature"));
+            ImageData::Png(bytes) => {
+                // Signature, then the IHDR chunk: length 13, "IHDR", width and height big-endian.
+                if bytes.len() < 24 || bytes[..8] != *b"\x89PNG\r\n\x1a\n" || bytes[12..16] != *b"IHDR" {
+                    return Err(String::from("image is marked PNG but has no PNG signature and header"));
+                }
+                let png_w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+                let png_h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+                if (png_w, png_h) != (w, h) {
+                    return Err(alloc::format!("PNG is {png_w}x{png_h}, the sample says {w}x{h}"));
+                }
             }
             _ => {}
         }
         if self.instances.len() > limits::MAX_INSTANCES {
-            return Err(alloc::format!("{} instances, at most {}", self.instances.len(), limits::MAX_INSTANCES));
+            return Err(alloc::format!(
+                "{} instances, at most {}",
+                self.instances.len(),
+                limits::MAX_INSTANCES
+            ));
         }
         for list in [&self.neg_category_ids, &self.not_exhaustive_category_ids] {
             if list.len() > limits::MAX_CATEGORY_ID_LIST {
@@ -265,14 +314,17 @@ impl Sample {
             if inst.mask.height != h || inst.mask.width != w {
                 return Err(at(&alloc::format!(
                     "mask size {}x{} differs from image {w}x{h}",
-                    inst.mask.width, inst.mask.height
+                    inst.mask.width,
+                    inst.mask.height
                 )));
             }
             inst.mask.check().map_err(at)?;
             if inst.bbox.iter().any(|v| !v.is_finite() || *v < 0.0) {
                 return Err(at("bbox has a negative or non-finite value"));
             }
-            if let Origin::Generated { clip_score, sam_iou, .. } = inst.origin
+            if let Origin::Generated {
+                clip_score, sam_iou, ..
+            } = inst.origin
                 && !(clip_score.is_finite() && sam_iou.is_finite())
             {
                 return Err(at("clip_score or sam_iou is not finite"));
@@ -294,7 +346,9 @@ pub fn check_id(what: &str, id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id.len() <= limits::MAX_ID_LEN
         && !id.starts_with('.')
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
@@ -307,7 +361,11 @@ pub fn check_id(what: &str, id: &str) -> Result<(), String> {
 
 fn check_text(what: &str, text: &str) -> Result<(), String> {
     if text.len() > limits::MAX_TEXT_LEN {
-        return Err(alloc::format!("{what} is {} bytes long, at most {}", text.len(), limits::MAX_TEXT_LEN));
+        return Err(alloc::format!(
+            "{what} is {} bytes long, at most {}",
+            text.len(),
+            limits::MAX_TEXT_LEN
+        ));
     }
     Ok(())
 }

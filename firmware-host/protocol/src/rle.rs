@@ -143,8 +143,10 @@ mod tests {
             let rle = Rle::from_row_major(h, w, &mask);
             rle.check().unwrap();
             assert_eq!(rle.to_row_major(), mask);
-            let on: Vec<(u32, u32)> =
-                (0..h * w).filter(|&i| mask[i as usize] != 0).map(|i| (i % w, i / w)).collect();
+            let on: Vec<(u32, u32)> = (0..h * w)
+                .filter(|&i| mask[i as usize] != 0)
+                .map(|i| (i % w, i / w))
+                .collect();
             let expected = if on.is_empty() {
                 [0.0; 4]
             } else {
@@ -161,9 +163,17 @@ mod tests {
 
     #[test]
     fn malformed_counts_are_rejected() {
-        let bad_sum = Rle { height: 2, width: 2, counts: vec![1, 2] };
+        let bad_sum = Rle {
+            height: 2,
+            width: 2,
+            counts: vec![1, 2],
+        };
         assert!(bad_sum.check().is_err());
-        let zero_run = Rle { height: 2, width: 2, counts: vec![1, 0, 3] };
+        let zero_run = Rle {
+            height: 2,
+            width: 2,
+            counts: vec![1, 0, 3],
+        };
         assert!(zero_run.check().is_err());
     }
 }

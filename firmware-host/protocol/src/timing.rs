@@ -41,7 +41,12 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(timing: &LinkTiming, seed: u64) -> Self {
-        Backoff { min: timing.backoff_min, max: timing.backoff_max, next: timing.backoff_min, state: seed | 1 }
+        Backoff {
+            min: timing.backoff_min,
+            max: timing.backoff_max,
+            next: timing.backoff_min,
+            state: seed | 1,
+        }
     }
 
     /// The wait before the next connection attempt; doubles each call up to the maximum.
@@ -72,7 +77,11 @@ pub struct Liveness {
 
 impl Liveness {
     pub fn new(timing: LinkTiming, now: Instant) -> Self {
-        Liveness { timing, last_sent: now, last_heard: now }
+        Liveness {
+            timing,
+            last_sent: now,
+            last_heard: now,
+        }
     }
 
     pub fn sent(&mut self, now: Instant) {

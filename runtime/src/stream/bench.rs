@@ -83,22 +83,40 @@ fn mean_ms(samples: &[Sample], mut f: impl FnMut(&Sample)) -> f64 {
 
 pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
     let run_id = args.run_id.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         format!("bench-{}", now.as_millis())
     });
     let spec = SampleSpec {
         width: args.size,
         height: args.size,
         instances: args.instances,
-        encoding: if args.encoding == "png" { ImageEncoding::Png } else { ImageEncoding::Rgb8 },
+        encoding: if args.encoding == "png" {
+            ImageEncoding::Png
+        } else {
+            ImageEncoding::Rgb8
+        },
         ..SampleSpec::realistic(&args.device_id, &run_id)
     };
     let table = synthetic::categories(spec.categories);
     // A pool of distinct samples, cycled: generating the picture is not what is measured.
     let pool: Vec<Sample> = (0..32).map(|i| synthetic::sample(&spec, i)).collect();
-    let raw: Vec<Sample> =
-        (0..8).map(|i| synthetic::sample(&SampleSpec { encoding: ImageEncoding::Rgb8, ..spec.clone() }, i)).collect();
-    let frames: Vec<Vec<u8>> = pool.iter().map(|s| encode_message(&DeviceMessage::Sample(s.clone()))).collect();
+    let raw: Vec<Sample> = (0..8)
+        .map(|i| {
+            synthetic::sample(
+                &SampleSpec {
+                    encoding: ImageEncoding::Rgb8,
+                    ..spec.clone()
+                },
+                i,
+            )
+        })
+        .collect();
+    let frames: Vec<Vec<u8>> = pool
+        .iter()
+        .map(|s| encode_message(&DeviceMessage::Sample(s.clone())))
+        .collect();
     let cpu = CpuCosts {
         png_encode: mean_ms(&raw, |s| {
             if let ImageData::Rgb8(rgb) = &s.image {
@@ -131,12 +149,22 @@ pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
         Some(_) => None,
         None => Some(tempfile::tempdir().map_err(|e| format!("cannot create a temporary outbox: {e}"))?),
     };
-    let dir = args.outbox.clone().unwrap_or_else(|| temp.as_ref().expect("made above").path().to_path_buf());
-    let config = OutboxConfig { sync: !args.no_sync, ..OutboxConfig::with_max_bytes(args.outbox_mib << 20) };
+    let dir = args
+        .outbox
+        .clone()
+        .unwrap_or_else(|| temp.as_ref().expect("made above").path().to_path_buf());
+    let config = OutboxConfig {
+        sync: !args.no_sync,
+        ..OutboxConfig::with_max_bytes(args.outbox_mib << 20)
+    };
     let outbox = Arc::new(Outbox::open(&dir, config).map_err(|e| e.to_string())?);
     let transport = transport::parse(&args.to)?;
-    let streamer = Streamer::start(outbox.clone(), transport, StreamConfig::new(&args.device_id, &run_id, table))
-        .map_err(|e| e.to_string())?;
+    let streamer = Streamer::start(
+        outbox.clone(),
+        transport,
+        StreamConfig::new(&args.device_id, &run_id, table),
+    )
+    .map_err(|e| e.to_string())?;
 
     let progress = indicatif::ProgressBar::new(args.samples);
     if args.json {
@@ -145,7 +173,9 @@ pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
     let start = Instant::now();
     let first = outbox.next_seq();
     for i in 0..args.samples {
-        outbox.push(pool[i as usize % pool.len()].clone()).map_err(|e| e.to_string())?;
+        outbox
+            .push(pool[i as usize % pool.len()].clone())
+            .map_err(|e| e.to_string())?;
         progress.set_position(outbox.acked().saturating_sub(first));
     }
     let link = streamer.finish(Duration::from_secs(600)).map_err(|e| e.to_string())?;

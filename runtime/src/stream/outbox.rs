@@ -36,7 +36,11 @@ pub struct OutboxConfig {
 
 impl OutboxConfig {
     pub fn with_max_bytes(max_bytes: u64) -> Self {
-        OutboxConfig { max_bytes, segment_bytes: (max_bytes / 8).clamp(64 << 10, 64 << 20), sync: true }
+        OutboxConfig {
+            max_bytes,
+            segment_bytes: (max_bytes / 8).clamp(64 << 10, 64 << 20),
+            sync: true,
+        }
     }
 }
 
@@ -103,7 +107,9 @@ impl Outbox {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if let Some(first) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log")) {
-                let first = first.parse::<u64>().map_err(|_| io_err(&path, "segment name is not seg-<number>.log"))?;
+                let first = first
+                    .parse::<u64>()
+                    .map_err(|_| io_err(&path, "segment name is not seg-<number>.log"))?;
                 names.push((first, path));
             }
         }
@@ -123,7 +129,12 @@ impl Outbox {
         for (first_seq, path) in names {
             let end_seq = scan_segment(&path, first_seq, expected, |seq, offset, len| {
                 if seq >= acked {
-                    state.records.push_back(Record { seq, segment: first_seq, offset, len });
+                    state.records.push_back(Record {
+                        seq,
+                        segment: first_seq,
+                        offset,
+                        len,
+                    });
                     state.bytes += len as u64 + HEADER as u64;
                 }
             })?;
@@ -133,14 +144,21 @@ impl Outbox {
                 continue;
             }
             state.next_seq = state.next_seq.max(end_seq);
-            state.segments.push_back(Segment { first_seq, path, end_seq });
+            state.segments.push_back(Segment {
+                first_seq,
+                path,
+                end_seq,
+            });
         }
         if let Some(first) = state.records.front()
             && first.seq != acked
         {
             return Err(io_err(
                 &dir,
-                format!("samples {acked}..{} are missing: neither acknowledged nor on disk", first.seq),
+                format!(
+                    "samples {acked}..{} are missing: neither acknowledged nor on disk",
+                    first.seq
+                ),
             ));
         }
         if !state.records.is_empty() {
@@ -152,7 +170,12 @@ impl Outbox {
                 state.next_seq
             );
         }
-        Ok(Outbox { dir, config, state: Mutex::new(state), changed: Condvar::new() })
+        Ok(Outbox {
+            dir,
+            config,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -180,7 +203,10 @@ impl Outbox {
             if size > self.config.max_bytes {
                 return Err(io_err(
                     &self.dir,
-                    format!("a {size}-byte sample does not fit an outbox of {} bytes", self.config.max_bytes),
+                    format!(
+                        "a {size}-byte sample does not fit an outbox of {} bytes",
+                        self.config.max_bytes
+                    ),
                 ));
             }
             if state.bytes + size > self.config.max_bytes {
@@ -211,12 +237,20 @@ impl Outbox {
         };
         if roll {
             let path = self.dir.join(format!("seg-{seq:020}.log"));
-            let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io_err(&path, e))?;
             if self.config.sync {
                 sync_dir(&self.dir)?;
             }
             state.writer = Some((file, 0));
-            state.segments.push_back(Segment { first_seq: seq, path, end_seq: seq });
+            state.segments.push_back(Segment {
+                first_seq: seq,
+                path,
+                end_seq: seq,
+            });
         }
         let (file, len) = state.writer.as_mut().expect("a segment is open after rolling");
         let mut record = Vec::with_capacity(HEADER + frame.len());
@@ -225,7 +259,9 @@ impl Outbox {
         record.extend_from_slice(&CRC32.checksum(frame).to_le_bytes());
         record.extend_from_slice(frame);
         let segment = state.segments.back_mut().expect("the open segment is listed");
-        let result = file.write_all(&record).and_then(|()| if self.config.sync { file.sync_data() } else { Ok(()) });
+        let result = file
+            .write_all(&record)
+            .and_then(|()| if self.config.sync { file.sync_data() } else { Ok(()) });
         if let Err(e) = result {
             // The tail may now be torn; a fresh segment keeps later records readable.
             state.writer = None;
@@ -246,11 +282,17 @@ impl Outbox {
     pub fn frame(&self, seq: u64) -> io::Result<Option<Vec<u8>>> {
         let (path, offset, len) = {
             let state = self.lock();
-            let Some(first) = state.records.front() else { return Ok(None) };
+            let Some(first) = state.records.front() else {
+                return Ok(None);
+            };
             let Some(record) = seq.checked_sub(first.seq).and_then(|i| state.records.get(i as usize)) else {
                 return Ok(None);
             };
-            let segment = state.segments.iter().find(|s| s.first_seq == record.segment).expect("record's segment");
+            let segment = state
+                .segments
+                .iter()
+                .find(|s| s.first_seq == record.segment)
+                .expect("record's segment");
             (segment.path.clone(), record.offset, record.len)
         };
         let mut frame = vec![0u8; len as usize];
@@ -268,7 +310,10 @@ impl Outbox {
         if next_seq > state.next_seq {
             return Err(io_err(
                 &self.dir,
-                format!("host acknowledged up to {next_seq} but only {} samples exist", state.next_seq),
+                format!(
+                    "host acknowledged up to {next_seq} but only {} samples exist",
+                    state.next_seq
+                ),
             ));
         }
         while state.records.front().is_some_and(|r| r.seq < next_seq) {
@@ -333,7 +378,11 @@ impl Outbox {
             if left.is_zero() {
                 return false;
             }
-            state = self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         state.acked == state.next_seq
     }
@@ -356,10 +405,15 @@ fn scan_segment(
     if let Some(expected) = expected_first
         && expected != first_seq
     {
-        return Err(io_err(path, format!("segment starts at {first_seq}, the previous one ended at {expected}")));
+        return Err(io_err(
+            path,
+            format!("segment starts at {first_seq}, the previous one ended at {expected}"),
+        ));
     }
     let mut bytes = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io_err(path, e))?;
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| io_err(path, e))?;
     let mut offset = 0usize;
     let mut next = first_seq;
     while offset + HEADER <= bytes.len() {
@@ -386,7 +440,9 @@ fn scan_segment(
             next.wrapping_sub(1)
         );
         let file = OpenOptions::new().write(true).open(path).map_err(|e| io_err(path, e))?;
-        file.set_len(offset as u64).and_then(|()| file.sync_all()).map_err(|e| io_err(path, e))?;
+        file.set_len(offset as u64)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_err(path, e))?;
     }
     Ok(next)
 }
@@ -449,7 +505,11 @@ mod tests {
     #[test]
     fn unacknowledged_samples_survive_a_restart_and_acked_segments_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let config = OutboxConfig { max_bytes: 1 << 20, segment_bytes: 2048, sync: true };
+        let config = OutboxConfig {
+            max_bytes: 1 << 20,
+            segment_bytes: 2048,
+            sync: true,
+        };
         {
             let outbox = Outbox::open(dir.path(), config.clone()).unwrap();
             for i in 0..20 {
@@ -459,9 +519,12 @@ mod tests {
             assert_eq!(decoded_seq(&outbox.frame(12).unwrap().unwrap()), 12);
             assert!(outbox.frame(11).unwrap().is_none());
         }
-        let segments = || fs::read_dir(dir.path()).unwrap().filter(|e| {
-            e.as_ref().unwrap().file_name().to_string_lossy().starts_with("seg-")
-        }).count();
+        let segments = || {
+            fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("seg-"))
+                .count()
+        };
         let before = segments();
         let outbox = Outbox::open(dir.path(), config).unwrap();
         assert_eq!((outbox.acked(), outbox.next_seq()), (12, 20));
@@ -477,7 +540,11 @@ mod tests {
     #[test]
     fn a_torn_last_record_is_cut_and_numbering_continues_after_the_last_intact_one() {
         let dir = tempfile::tempdir().unwrap();
-        let config = OutboxConfig { max_bytes: 1 << 20, segment_bytes: 1 << 20, sync: false };
+        let config = OutboxConfig {
+            max_bytes: 1 << 20,
+            segment_bytes: 1 << 20,
+            sync: false,
+        };
         {
             let outbox = Outbox::open(dir.path(), config.clone()).unwrap();
             for _ in 0..5 {
@@ -486,7 +553,12 @@ mod tests {
         }
         let seg = dir.path().join(format!("seg-{:020}.log", 0));
         let len = fs::metadata(&seg).unwrap().len();
-        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 7).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 7)
+            .unwrap();
         let outbox = Outbox::open(dir.path(), config).unwrap();
         assert_eq!(outbox.next_seq(), 4);
         assert_eq!(outbox.push(tiny(0)).unwrap(), 4);
@@ -497,7 +569,11 @@ mod tests {
     fn a_full_outbox_blocks_the_producer_until_acks_free_space() {
         let dir = tempfile::tempdir().unwrap();
         let frame_bytes = encode_message(&DeviceMessage::Sample(tiny(0))).len() as u64 + HEADER as u64;
-        let config = OutboxConfig { max_bytes: frame_bytes * 3, segment_bytes: 1 << 20, sync: false };
+        let config = OutboxConfig {
+            max_bytes: frame_bytes * 3,
+            segment_bytes: 1 << 20,
+            sync: false,
+        };
         let outbox = Arc::new(Outbox::open(dir.path(), config).unwrap());
         let producer = {
             let outbox = outbox.clone();
@@ -521,7 +597,10 @@ mod tests {
         assert!(outbox.ack(2).unwrap_err().to_string().contains("only 1 samples exist"));
         drop(outbox);
         fs::write(dir.path().join("acked"), b"garbage").unwrap();
-        let err = Outbox::open(dir.path(), OutboxConfig::default()).err().unwrap().to_string();
+        let err = Outbox::open(dir.path(), OutboxConfig::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("acked") && err.contains("corrupt"), "{err}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration as StdDuration;
 
 use divergen_protocol::timing::{Backoff, LinkTiming, Liveness};
 use divergen_protocol::{
-    CategoryTable, DeviceMessage, FrameDecoder, FrameError, Hello, HostMessage, PROTOCOL_VERSION, check_id,
+    CategoryTable, DeviceMessage, FrameDecoder, FrameError, Hello, HostMessage, PROTOCOL_VERSION, Refusal, check_id,
     decode_message, encode_message,
 };
 use embassy_time::Instant;
@@ -87,7 +87,12 @@ impl Streamer {
                 .name("divergen-stream".into())
                 .spawn(move || run(outbox, transport, config, stop, counters))?
         };
-        Ok(Streamer { thread: Some(thread), stop, outbox, counters })
+        Ok(Streamer {
+            thread: Some(thread),
+            stop,
+            outbox,
+            counters,
+        })
     }
 
     pub fn stats(&self) -> StreamStats {
@@ -149,7 +154,9 @@ fn run(
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
 ) -> io::Result<()> {
-    let seed = config.device_id.bytes().fold(std::process::id() as u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let seed = config.device_id.bytes().fold(std::process::id() as u64, |h, b| {
+        h.wrapping_mul(31).wrapping_add(b as u64)
+    });
     let mut backoff = Backoff::new(&config.timing, seed);
     while !stop.load(Ordering::SeqCst) {
         let end = match transport.connect() {
@@ -169,7 +176,11 @@ fn run(
             }
             End::Lost(why) if !stop.load(Ordering::SeqCst) => {
                 let delay = backoff.next_delay();
-                log::warn!("stream to {}: {why}; reconnecting in {} ms", transport.describe(), delay.as_millis());
+                log::warn!(
+                    "stream to {}: {why}; reconnecting in {} ms",
+                    transport.describe(),
+                    delay.as_millis()
+                );
                 let resume = Instant::now() + delay;
                 while Instant::now() < resume && !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(StdDuration::from_millis(10));
@@ -189,38 +200,40 @@ enum Inbound {
 
 fn spawn_reader(mut reader: Box<dyn Read + Send>, outbox: Arc<Outbox>) -> mpsc::Receiver<Inbound> {
     let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new().name("divergen-stream-rx".into()).spawn(move || {
-        let mut decoder = FrameDecoder::with_limit(1 << 20);
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let event = match reader.read(&mut buf) {
-                Ok(0) => Some(Inbound::Closed("host closed the connection".into())),
-                Ok(n) => {
-                    let mut events = Vec::new();
-                    decoder.feed(&buf[..n], |frame| {
-                        events.push(match frame.and_then(decode_message::<HostMessage>) {
-                            Ok(message) => Inbound::Message(message),
-                            Err(e) => Inbound::BadFrame(e),
-                        })
-                    });
-                    for event in events {
-                        if tx.send(event).is_err() {
-                            return;
+    let spawned = std::thread::Builder::new()
+        .name("divergen-stream-rx".into())
+        .spawn(move || {
+            let mut decoder = FrameDecoder::with_limit(1 << 20);
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let event = match reader.read(&mut buf) {
+                    Ok(0) => Some(Inbound::Closed("host closed the connection".into())),
+                    Ok(n) => {
+                        let mut events = Vec::new();
+                        decoder.feed(&buf[..n], |frame| {
+                            events.push(match frame.and_then(decode_message::<HostMessage>) {
+                                Ok(message) => Inbound::Message(message),
+                                Err(e) => Inbound::BadFrame(e),
+                            })
+                        });
+                        for event in events {
+                            if tx.send(event).is_err() {
+                                return;
+                            }
                         }
+                        None
                     }
-                    None
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
-                Err(e) => Some(Inbound::Closed(format!("read failed: {e}"))),
-            };
-            outbox.notify();
-            if let Some(event) = event {
-                let _ = tx.send(event);
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+                    Err(e) => Some(Inbound::Closed(format!("read failed: {e}"))),
+                };
                 outbox.notify();
-                return;
+                if let Some(event) = event {
+                    let _ = tx.send(event);
+                    outbox.notify();
+                    return;
+                }
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         let (tx, rx) = mpsc::channel();
         let _ = tx.send(Inbound::Closed(format!("cannot start the reader thread: {e}")));
@@ -280,6 +293,9 @@ fn session(
                     return lost(e);
                 }
             }
+            Inbound::Message(HostMessage::Refused(Refusal::ShuttingDown)) => {
+                return End::Lost("the host is shutting down".into());
+            }
             Inbound::Message(HostMessage::Refused(refusal)) => return fatal(format!("host refused: {refusal}")),
             Inbound::Message(_) | Inbound::BadFrame(_) => {}
             Inbound::Closed(why) => return End::Lost(why),
@@ -306,7 +322,11 @@ fn session(
     if let Err(e) = outbox.ack(next_seq) {
         return End::Fatal(e);
     }
-    log::info!("stream: session open as {}/{}, resuming at sample {next_seq}", config.device_id, config.run_id);
+    log::info!(
+        "stream: session open as {}/{}, resuming at sample {next_seq}",
+        config.device_id,
+        config.run_id
+    );
 
     let mut cursor = next_seq;
     let mut live = Liveness::new(timing, Instant::now());
@@ -332,6 +352,9 @@ fn session(
                             cursor = from;
                             counters.rewinds.fetch_add(1, Ordering::Relaxed);
                         }
+                        HostMessage::Refused(Refusal::ShuttingDown) => {
+                            return End::Lost("the host is shutting down".into());
+                        }
                         HostMessage::Refused(refusal) => return fatal(format!("host refused: {refusal}")),
                         HostMessage::Heartbeat | HostMessage::Welcome { .. } | HostMessage::NeedCategories => {}
                     }
@@ -345,7 +368,10 @@ fn session(
         }
         let now = Instant::now();
         if live.peer_lost(now) {
-            return End::Lost(format!("no message from the host for {} ms", timing.peer_timeout.as_millis()));
+            return End::Lost(format!(
+                "no message from the host for {} ms",
+                timing.peer_timeout.as_millis()
+            ));
         }
         let acked = outbox.acked();
         if acked != progress.0 {

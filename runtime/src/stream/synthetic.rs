@@ -2,9 +2,7 @@
 //! partly occluding objects), used by `divergen stream bench` and the stream tests. Each sample
 //! is a pure function of (spec, seq), so a receiver can regenerate and compare what it got.
 
-use divergen_protocol::{
-    Category, CategoryTable, Frequency, ImageData, Instance, Origin, Provenance, Rle, Sample,
-};
+use divergen_protocol::{Category, CategoryTable, Frequency, ImageData, Instance, Origin, Provenance, Rle, Sample};
 use image::ImageEncoder;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use rand::rngs::StdRng;
@@ -46,7 +44,13 @@ impl SampleSpec {
 
     /// Small raw images, for tests that push thousands of samples.
     pub fn tiny(device_id: &str, run_id: &str) -> Self {
-        SampleSpec { width: 24, height: 16, instances: 3, encoding: ImageEncoding::Rgb8, ..Self::realistic(device_id, run_id) }
+        SampleSpec {
+            width: 24,
+            height: 16,
+            instances: 3,
+            encoding: ImageEncoding::Rgb8,
+            ..Self::realistic(device_id, run_id)
+        }
     }
 }
 
@@ -103,8 +107,14 @@ pub fn sample(spec: &SampleSpec, seq: u64) -> Sample {
                 sam_iou: rng.random_range(0.7..1.0),
             }
         };
-        let (x0, x1) = (((cx - rx).floor().max(0.0)) as usize, ((cx + rx).ceil() as usize).min(w));
-        let (y0, y1) = (((cy - ry).floor().max(0.0)) as usize, ((cy + ry).ceil() as usize).min(h));
+        let (x0, x1) = (
+            ((cx - rx).floor().max(0.0)) as usize,
+            ((cx + rx).ceil() as usize).min(w),
+        );
+        let (y0, y1) = (
+            ((cy - ry).floor().max(0.0)) as usize,
+            ((cy + ry).ceil() as usize).min(h),
+        );
         for y in y0..y1 {
             for x in x0..x1 {
                 let (dx, dy) = ((x as f32 + 0.5 - cx) / rx, (y as f32 + 0.5 - cy) / ry);
@@ -129,7 +139,12 @@ pub fn sample(spec: &SampleSpec, seq: u64) -> Sample {
         if rle.area() == 0 {
             continue; // fully covered by later objects
         }
-        instances.push(Instance { category_id, bbox: rle.bbox(), mask: rle, origin });
+        instances.push(Instance {
+            category_id,
+            bbox: rle.bbox(),
+            mask: rle,
+            origin,
+        });
     }
     let image = match spec.encoding {
         ImageEncoding::Rgb8 => ImageData::Rgb8(rgb),
@@ -146,7 +161,11 @@ pub fn sample(spec: &SampleSpec, seq: u64) -> Sample {
         width: spec.width,
         height: spec.height,
         image,
-        neg_category_ids: if instances.iter().any(|i| i.category_id == neg) { vec![] } else { vec![neg] },
+        neg_category_ids: if instances.iter().any(|i| i.category_id == neg) {
+            vec![]
+        } else {
+            vec![neg]
+        },
         not_exhaustive_category_ids: instances.first().map(|i| vec![i.category_id]).unwrap_or_default(),
         instances,
     }
@@ -173,7 +192,9 @@ mod tests {
         assert_eq!(a, sample(&spec, 7));
         assert_ne!(a, sample(&spec, 8));
         a.validate(Some(&table)).unwrap();
-        let ImageData::Png(png) = &a.image else { panic!("realistic samples are PNG") };
+        let ImageData::Png(png) = &a.image else {
+            panic!("realistic samples are PNG")
+        };
         let decoded = image::load_from_memory(png).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (512, 512));
         let counts: Vec<usize> = (0..50).map(|s| sample(&spec, s).instances.len()).collect();

@@ -31,13 +31,19 @@ pub fn parse(address: &str) -> Result<Box<dyn Transport>, String> {
         if path.is_empty() {
             return Err("serial: needs a device path, e.g. serial:/dev/ttyUSB0".into());
         }
-        return Ok(Box::new(Serial { path: PathBuf::from(path) }));
+        return Ok(Box::new(Serial {
+            path: PathBuf::from(path),
+        }));
     }
     let address = address.strip_prefix("tcp:").unwrap_or(address);
     if !address.contains(':') {
-        return Err(format!("{address:?} is not host:port, tcp:host:port, serial:PATH or stdio"));
+        return Err(format!(
+            "{address:?} is not host:port, tcp:host:port, serial:PATH or stdio"
+        ));
     }
-    Ok(Box::new(Tcp { address: address.to_string() }))
+    Ok(Box::new(Tcp {
+        address: address.to_string(),
+    }))
 }
 
 pub struct Tcp {
@@ -46,7 +52,10 @@ pub struct Tcp {
 
 impl Transport for Tcp {
     fn connect(&mut self) -> io::Result<Link> {
-        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{} resolves to no address", self.address));
+        let mut last = io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} resolves to no address", self.address),
+        );
         for addr in self.address.to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
                 Ok(stream) => {
@@ -84,7 +93,11 @@ impl Transport for Serial {
             .write(true)
             .open(&self.path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
-        Ok(Link { reader: Box::new(file.try_clone()?), writer: Box::new(file), closer: None })
+        Ok(Link {
+            reader: Box::new(file.try_clone()?),
+            writer: Box::new(file),
+            closer: None,
+        })
     }
 
     fn describe(&self) -> String {
@@ -105,7 +118,11 @@ impl Transport for Stdio {
                 "the stdio link closed and cannot be reopened; restart the device process to resume",
             ));
         }
-        Ok(Link { reader: Box::new(io::stdin()), writer: Box::new(io::stdout()), closer: None })
+        Ok(Link {
+            reader: Box::new(io::stdin()),
+            writer: Box::new(io::stdout()),
+            closer: None,
+        })
     }
 
     fn describe(&self) -> String {
@@ -120,15 +137,24 @@ pub struct Pipes {
 
 impl Pipes {
     pub fn new(reader: impl Read + Send + 'static, writer: impl Write + Send + 'static) -> Self {
-        Pipes { link: Some(Link { reader: Box::new(reader), writer: Box::new(writer), closer: None }) }
+        Pipes {
+            link: Some(Link {
+                reader: Box::new(reader),
+                writer: Box::new(writer),
+                closer: None,
+            }),
+        }
     }
 }
 
 impl Transport for Pipes {
     fn connect(&mut self) -> io::Result<Link> {
-        self.link
-            .take()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "the pipe link closed and cannot be reopened"))
+        self.link.take().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the pipe link closed and cannot be reopened",
+            )
+        })
     }
 
     fn describe(&self) -> String {
