@@ -78,3 +78,49 @@ fn quick_kernel_bench_emits_json_lines() {
         assert!(case["shape"].is_string() && case.get("burn_ms").is_some());
     }
 }
+
+#[test]
+fn stream_bench_sends_to_a_host_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = divergen_host::ServerConfig {
+        store: divergen_host::StoreConfig {
+            out: dir.path().join("out"),
+            shard_size: 8,
+            tar: false,
+        },
+        peer_timeout: std::time::Duration::from_secs(10),
+    };
+    let server = divergen_host::Server::open(config).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let serving = {
+        let server = server.clone();
+        std::thread::spawn(move || server.serve_tcp(listener))
+    };
+    let out = divergen(&[
+        "stream",
+        "bench",
+        "--samples",
+        "20",
+        "--size",
+        "64",
+        "--json",
+        "--to",
+        &address,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["samples"], 20);
+    assert!(report["samples_per_second"].as_f64().unwrap() > 0.0);
+    assert!(report["cpu_ms"]["frame_encode"].as_f64().unwrap() > 0.0);
+    server.shutdown_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+    serving.join().unwrap().unwrap();
+    assert_eq!(server.stats().store.committed, 20);
+}
+
+#[test]
+fn stream_bench_rejects_an_unusable_address() {
+    let out = divergen(&["stream", "bench", "--samples", "1", "--to", "nowhere"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nowhere\" is not host:port"));
+}

@@ -195,10 +195,18 @@ pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
         cpu_ms: cpu,
         link,
     };
+    // On a stdio link stdout carries the frames, so the report goes to stderr.
+    let print = |line: String| {
+        if args.to == "stdio" {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        print(serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     } else {
-        println!(
+        print(format!(
             "{} samples ({}, {:.1} instances, {:.0} KB a frame) in {:.2} s: {:.1} samples/s, {:.1} MB/s",
             report.samples,
             report.image,
@@ -207,16 +215,16 @@ pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
             report.seconds,
             report.samples_per_second,
             report.megabytes_per_second
-        );
+        ));
         let c = &report.cpu_ms;
-        println!(
+        print(format!(
             "CPU per sample (ms, one core): PNG encode {:.2}, frame encode {:.2}, frame decode {:.2}, validate {:.3}, PNG decode {:.2}",
             c.png_encode, c.frame_encode, c.frame_decode, c.validate, c.png_decode
-        );
-        println!(
+        ));
+        print(format!(
             "link: {} connection(s), {} frames sent, {} rewinds; producer blocked {} times (outbox sync: {})",
             link.connections, link.frames_sent, link.rewinds, report.producer_blocked_pushes, report.outbox_sync
-        );
+        ));
     }
     Ok(())
 }
