@@ -2,22 +2,25 @@
 //!
 //! Output folder:
 //! - `categories.json`: the category table pinned by the first device (or `--categories`);
-//! - `journal.log`: samples of the shard being filled, records `[len u32][crc32 u32][postcard
-//!   Sample]`, fsynced before the host acknowledges them;
+//! - `journal-NNNNNN.log`: samples of shard NNNNNN while it fills, records `[len u32][crc32
+//!   u32][postcard Sample]`, fsynced before the host acknowledges them;
 //! - `shard-NNNNNN/`: sealed shards, each `annotations.json` (LVIS/COCO) + `images/` +
 //!   `index.json` (ids and sequence ranges, read at start-up);
 //! - `shard-NNNNNN.tar` (with `--tar`): the same shard as WebDataset samples.
 //!
-//! A shard is built in `shard-NNNNNN.tmp/`, fsynced, and published by renaming the folder; only
-//! then is the journal emptied. A crash at any point leaves either the journal (sealed again at
-//! the next start) or the published shard (its samples are skipped when the journal is replayed).
+//! A full journal goes to a sealer thread, which builds `shard-NNNNNN.tmp/`, fsyncs it, publishes
+//! it by renaming the folder, and only then deletes the journal. A crash at any point leaves the
+//! journal (sealed again after the next start), the published shard (a leftover journal for it
+//! is deleted), or both.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::{Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use divergen_protocol::{CategoryTable, ImageData, Sample};
@@ -27,7 +30,6 @@ use crate::coco::{self, CocoAnnotation, CocoCategory, CocoFile, CocoImage};
 
 const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 pub const CATEGORIES_FILE: &str = "categories.json";
-pub const JOURNAL_FILE: &str = "journal.log";
 
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -83,11 +85,15 @@ pub struct Store {
     config: StoreConfig,
     categories: Option<CategoryTable>,
     sessions: HashMap<SessionKey, u64>,
-    journal: File,
+    /// The journal being filled (`journal-<journal_shard>.log`), opened on first append.
+    journal: Option<File>,
+    journal_shard: u64,
     journal_records: usize,
-    next_shard: u64,
+    /// Image and annotation ids the open journal's first sample gets.
+    journal_first_ids: (u64, u64),
     next_image_id: u64,
     next_annotation_id: u64,
+    sealer: Sealer,
     subscribers: Vec<SyncSender<Arc<Sample>>>,
     stats: StoreStats,
 }
@@ -96,27 +102,146 @@ fn err(path: &Path, what: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{}: {what}", path.display()))
 }
 
+/// A full journal waiting to become `shard-N`.
+struct SealJob {
+    out: PathBuf,
+    shard: u64,
+    journal: PathBuf,
+    first_image_id: u64,
+    first_annotation_id: u64,
+    categories: CategoryTable,
+    tar: bool,
+}
+
+#[derive(Default)]
+struct SealState {
+    queued: usize,
+    error: Option<String>,
+    sealed: u64,
+    time: Duration,
+}
+
+/// Seals shards on its own thread, in order, so a seal (thousands of fsyncs) never holds up
+/// the commits and acks of the devices.
+struct Sealer {
+    jobs: Option<Sender<SealJob>>,
+    thread: Option<JoinHandle<()>>,
+    state: Arc<(Mutex<SealState>, Condvar)>,
+}
+
+impl Sealer {
+    fn start() -> Self {
+        let (tx, rx) = channel::<SealJob>();
+        let state = Arc::new((Mutex::new(SealState::default()), Condvar::new()));
+        let shared = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("divergen-sealer".into())
+            .spawn(move || {
+                for job in rx {
+                    let started = Instant::now();
+                    let result = seal_journal(&job);
+                    let (lock, done) = &*shared;
+                    let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    state.queued -= 1;
+                    state.time += started.elapsed();
+                    match result {
+                        Ok(_) => state.sealed += 1,
+                        Err(e) => {
+                            log::error!(
+                                "sealing shard {} failed: {e}; its samples stay in the journal",
+                                job.shard
+                            );
+                            state.error.get_or_insert(e.to_string());
+                        }
+                    }
+                    done.notify_all();
+                }
+            })
+            .expect("spawning the sealer thread");
+        Sealer {
+            jobs: Some(tx),
+            thread: Some(thread),
+            state,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SealState> {
+        self.state.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn submit(&self, job: SealJob) -> io::Result<()> {
+        self.state().queued += 1;
+        let jobs = self.jobs.as_ref().expect("sealer open while the store is");
+        jobs.send(job)
+            .map_err(|_| io::Error::other("the sealer thread is gone"))
+    }
+
+    /// Waits until every submitted shard is published; the first failure, if any.
+    fn wait(&self) -> io::Result<()> {
+        let (lock, done) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while state.queued > 0 {
+            state = done.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        match &state.error {
+            Some(e) => Err(io::Error::other(e.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Sealer {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn journal_path(out: &Path, shard: u64) -> PathBuf {
+    out.join(format!("journal-{shard:06}.log"))
+}
+
+/// `journal-N.log` files by shard number.
+pub fn list_journals(out: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut journals = Vec::new();
+    for entry in fs::read_dir(out).map_err(|e| err(out, e))? {
+        let path = entry.map_err(|e| err(out, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if let Some(n) = name.strip_prefix("journal-").and_then(|n| n.strip_suffix(".log"))
+            && let Ok(n) = n.parse::<u64>()
+        {
+            journals.push((n, path));
+        }
+    }
+    journals.sort();
+    Ok(journals)
+}
+
 impl Store {
     /// Opens `out`, recovering from whatever an earlier host process left: removes half-built
-    /// shards, reads the sealed ones' indexes, replays the journal and seals it if full.
+    /// shards, reads the sealed ones' indexes, replays the journals, and queues full ones for
+    /// sealing.
     pub fn open(config: StoreConfig) -> io::Result<Self> {
         if config.shard_size == 0 {
             return Err(io::Error::other("shard size must be at least 1"));
         }
         let out = config.out.clone();
         fs::create_dir_all(&out).map_err(|e| err(&out, e))?;
-        let categories = match fs::read(out.join(CATEGORIES_FILE)) {
+        let categories_path = out.join(CATEGORIES_FILE);
+        let categories = match fs::read(&categories_path) {
             Ok(bytes) => {
-                let path = out.join(CATEGORIES_FILE);
-                let table: CategoryTable = serde_json::from_slice(&bytes).map_err(|e| err(&path, e))?;
-                table.validate().map_err(|e| err(&path, e))?;
+                let table: CategoryTable = serde_json::from_slice(&bytes).map_err(|e| err(&categories_path, e))?;
+                table.validate().map_err(|e| err(&categories_path, e))?;
                 Some(table)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(err(&out.join(CATEGORIES_FILE), e)),
+            Err(e) => return Err(err(&categories_path, e)),
         };
         let mut sessions = HashMap::new();
         let (mut next_shard, mut next_image_id, mut next_annotation_id) = (0, 1, 1);
+        let mut sealed = HashSet::new();
         for (shard, path) in list_shards(&out)? {
             if path.extension().is_some_and(|e| e == "tmp") {
                 log::warn!("removing {}, a shard a crashed host left half-built", path.display());
@@ -130,103 +255,89 @@ impl Store {
                 let next = sessions.entry((s.device_id, s.run_id)).or_insert(0u64);
                 *next = (*next).max(s.next_seq);
             }
+            sealed.insert(shard);
             next_shard = next_shard.max(shard + 1);
             next_image_id = next_image_id.max(index.first_image_id + index.samples);
             next_annotation_id = next_annotation_id.max(index.first_annotation_id + index.annotations);
         }
-        let journal_path = out.join(JOURNAL_FILE);
-        let journal = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&journal_path)
-            .map_err(|e| err(&journal_path, e))?;
         let mut store = Store {
             config,
             categories,
             sessions,
-            journal: journal.try_clone().map_err(|e| err(&journal_path, e))?,
+            journal: None,
+            journal_shard: next_shard,
             journal_records: 0,
-            next_shard,
+            journal_first_ids: (next_image_id, next_annotation_id),
             next_image_id,
             next_annotation_id,
+            sealer: Sealer::start(),
             subscribers: Vec::new(),
             stats: StoreStats::default(),
         };
-        // Pass 1: which records a published shard already holds, and whether the tail is torn.
-        let mut held = 0usize;
-        let mut kept = 0usize;
-        let (intact_len, total_len) = scan_journal(&journal, &journal_path, |s| {
-            if s.provenance.seq < store.next_seq(&key(&s)) {
-                held += 1;
-            } else {
-                kept += 1;
+        let journals = list_journals(&out)?;
+        let last = journals.last().map(|(n, _)| *n);
+        for (shard, path) in journals {
+            if sealed.contains(&shard) {
+                // Published, but the host stopped before deleting the journal.
+                fs::remove_file(&path).map_err(|e| err(&path, e))?;
+                continue;
             }
-            Ok(())
-        })?;
-        if intact_len < total_len {
-            log::warn!(
-                "{}: cutting {} bytes of a record torn by a crash (never acknowledged)",
-                journal_path.display(),
-                total_len - intact_len
-            );
-        }
-        if held > 0 || intact_len < total_len {
-            // Rewrite the journal without what a published shard already holds.
-            let tmp = out.join("journal.log.tmp");
-            {
-                let mut w = BufWriter::new(File::create(&tmp).map_err(|e| err(&tmp, e))?);
-                let sessions = &store.sessions;
-                scan_journal(&journal, &journal_path, |s| {
-                    if s.provenance.seq >= sessions.get(&key(&s)).copied().unwrap_or(0) {
-                        w.write_all(&journal_record(&s)).map_err(|e| err(&tmp, e))?;
-                    }
-                    Ok(())
-                })?;
-                w.into_inner()
-                    .map_err(|e| err(&tmp, e.error()))?
-                    .sync_all()
-                    .map_err(|e| err(&tmp, e))?;
-            }
-            fs::rename(&tmp, &journal_path).map_err(|e| err(&journal_path, e))?;
-            sync_dir(&out)?;
-            store.journal = OpenOptions::new()
-                .read(true)
-                .append(true)
-                .open(&journal_path)
-                .map_err(|e| err(&journal_path, e))?;
-            log::info!(
-                "{}: {held} samples already in a published shard were dropped from the journal",
-                journal_path.display()
-            );
-        }
-        // Pass 2: the session positions the journal's samples advance to.
-        let mut advanced: Vec<(SessionKey, u64)> = Vec::new();
-        scan_journal(&store.journal, &journal_path, |s| {
-            advanced.push((key(&s), s.provenance.seq));
-            Ok(())
-        })?;
-        debug_assert_eq!(advanced.len(), kept);
-        for (session, seq) in advanced {
-            let expected = store.next_seq(&session);
-            if seq != expected {
+            if shard < store.journal_shard {
                 return Err(err(
-                    &journal_path,
-                    format!("holds sample {seq} of {}/{} but not {expected}", session.0, session.1),
+                    &path,
+                    format!(
+                        "journal for shard {shard}, but shard {} is already sealed",
+                        store.journal_shard - 1
+                    ),
                 ));
             }
-            store.sessions.insert(session, expected + 1);
-            store.journal_records += 1;
-        }
-        if store.journal_records > 0 {
-            log::info!(
-                "{}: {} committed samples waiting for their shard",
-                journal_path.display(),
-                store.journal_records
-            );
-        }
-        if store.journal_records >= store.config.shard_size {
-            store.seal()?;
+            let file = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| err(&path, e))?;
+            let mut replayed = 0usize;
+            let (first_image, first_annotation) = (store.next_image_id, store.next_annotation_id);
+            let sessions = &mut store.sessions;
+            let (mut images, mut annotations) = (0u64, 0u64);
+            let (intact, total) = scan_journal(&file, &path, |s| {
+                let session = key(&s);
+                let expected = sessions.get(&session).copied().unwrap_or(0);
+                if s.provenance.seq != expected {
+                    return Err(err(
+                        &path,
+                        format!(
+                            "holds sample {} of {}/{} where {expected} was due",
+                            s.provenance.seq, session.0, session.1
+                        ),
+                    ));
+                }
+                sessions.insert(session, expected + 1);
+                images += 1;
+                annotations += s.instances.len() as u64;
+                replayed += 1;
+                Ok(())
+            })?;
+            if intact < total {
+                log::warn!(
+                    "{}: cutting {} bytes of a record torn by a crash (never acknowledged)",
+                    path.display(),
+                    total - intact
+                );
+                file.set_len(intact)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| err(&path, e))?;
+            }
+            store.next_image_id += images;
+            store.next_annotation_id += annotations;
+            store.journal_shard = shard;
+            store.journal_first_ids = (first_image, first_annotation);
+            store.journal_records = replayed;
+            store.journal = Some(file);
+            log::info!("{}: {replayed} acknowledged samples recovered", path.display());
+            if Some(shard) != last || replayed >= store.config.shard_size {
+                store.rotate()?;
+            }
         }
         Ok(store)
     }
@@ -251,10 +362,15 @@ impl Store {
     }
 
     pub fn stats(&self) -> StoreStats {
-        self.stats
+        let seal = self.sealer.state();
+        StoreStats {
+            shards_sealed: seal.sealed,
+            seal: seal.time,
+            ..self.stats
+        }
     }
 
-    /// Samples committed to the open shard and not yet sealed.
+    /// Samples committed to the open journal and not yet handed to the sealer.
     pub fn pending(&self) -> usize {
         self.journal_records
     }
@@ -270,6 +386,9 @@ impl Store {
     /// Durably appends the in-order samples of `batch` (all from `session`, already validated),
     /// skipping ones already held. Returns the cumulative ack to send.
     pub fn commit(&mut self, session: &SessionKey, batch: Vec<Sample>) -> io::Result<Committed> {
+        if let Some(e) = &self.sealer.state().error {
+            return Err(io::Error::other(format!("not accepting samples: {e}")));
+        }
         let mut next = self.next_seq(session);
         let mut gap = false;
         let mut fresh = Vec::new();
@@ -293,7 +412,7 @@ impl Store {
             self.sessions.insert(session.clone(), fresh[end - 1].provenance.seq + 1);
             start = end;
             if self.journal_records >= self.config.shard_size {
-                self.seal()?;
+                self.rotate()?;
             }
         }
         for sample in fresh {
@@ -304,191 +423,225 @@ impl Store {
     }
 
     fn append(&mut self, samples: &[Sample]) -> io::Result<()> {
-        let path = self.config.out.join(JOURNAL_FILE);
+        let path = journal_path(&self.config.out, self.journal_shard);
+        if self.journal.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| err(&path, e))?;
+            sync_dir(&self.config.out)?;
+            self.journal = Some(file);
+            self.journal_first_ids = (self.next_image_id, self.next_annotation_id);
+        }
+        let journal = self.journal.as_mut().expect("opened above");
         let started = Instant::now();
         let mut bytes = Vec::new();
         for s in samples {
             bytes.extend_from_slice(&journal_record(s));
         }
-        self.journal.write_all(&bytes).map_err(|e| err(&path, e))?;
+        journal.write_all(&bytes).map_err(|e| err(&path, e))?;
         let written = Instant::now();
-        self.journal.sync_data().map_err(|e| err(&path, e))?;
+        journal.sync_data().map_err(|e| err(&path, e))?;
         self.stats.journal_write += written - started;
         self.stats.journal_fsync += written.elapsed();
         self.stats.commits += 1;
         self.stats.committed += samples.len() as u64;
         self.journal_records += samples.len();
+        self.next_image_id += samples.len() as u64;
+        self.next_annotation_id += samples.iter().map(|s| s.instances.len() as u64).sum::<u64>();
         Ok(())
     }
 
-    /// Turns the journal into a published shard. Called when it is full and at shutdown.
-    pub fn seal(&mut self) -> io::Result<()> {
-        if self.journal_records == 0 {
+    /// Hands the open journal to the sealer and starts the next one.
+    fn rotate(&mut self) -> io::Result<()> {
+        if self.journal.take().is_none() || self.journal_records == 0 {
             return Ok(());
         }
-        let started = Instant::now();
-        let out = self.config.out.clone();
-        let journal_path = out.join(JOURNAL_FILE);
-        let shard = self.next_shard;
-        let name = format!("shard-{shard:06}");
-        let tmp = out.join(format!("{name}.tmp"));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
-        }
-        let images_dir = tmp.join("images");
-        fs::create_dir_all(&images_dir).map_err(|e| err(&images_dir, e))?;
-        let table = self
+        let categories = self
             .categories
-            .as_ref()
-            .ok_or_else(|| err(&out, "samples but no category table"))?;
-        let mut categories: BTreeMap<u32, CocoCategory> =
-            table.categories.iter().map(|c| (c.id, CocoCategory::new(c))).collect();
-        let mut images = Vec::with_capacity(self.journal_records);
-        let mut annotations = Vec::new();
-        let mut sessions: BTreeMap<SessionKey, u64> = BTreeMap::new();
-        let mut made_dirs = std::collections::HashSet::new();
-        let mut tar = match self.config.tar {
-            true => {
-                let path = out.join(format!("{name}.tar.tmp"));
-                Some((
-                    tar::Builder::new(BufWriter::new(File::create(&path).map_err(|e| err(&path, e))?)),
-                    path,
-                ))
-            }
-            false => None,
-        };
-        let (first_image_id, first_annotation_id) = (self.next_image_id, self.next_annotation_id);
-        let mut next_annotation_id = first_annotation_id;
-        let journal = self.journal.try_clone().map_err(|e| err(&journal_path, e))?;
-        scan_journal(&journal, &journal_path, |sample| {
-            let sample = &sample;
-            let image_id = first_image_id + images.len() as u64;
-            let file_name = coco::image_file_name(sample);
-            let png = match &sample.image {
-                ImageData::Png(png) => png.clone(),
-                ImageData::Rgb8(rgb) => encode_png(sample.width, sample.height, rgb),
-            };
-            let path = images_dir.join(&file_name);
-            let dir = path.parent().expect("image paths have a folder").to_path_buf();
-            if made_dirs.insert(dir.clone()) {
-                fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
-            }
-            let mut file = File::create(&path).map_err(|e| err(&path, e))?;
-            file.write_all(&png)
-                .and_then(|()| file.sync_data())
-                .map_err(|e| err(&path, e))?;
-            let p = &sample.provenance;
-            let image = CocoImage {
-                id: image_id,
-                file_name,
-                width: sample.width,
-                height: sample.height,
-                neg_category_ids: sample.neg_category_ids.clone(),
-                not_exhaustive_category_ids: sample.not_exhaustive_category_ids.clone(),
-                device_id: p.device_id.clone(),
-                run_id: p.run_id.clone(),
-                seed: p.seed,
-                seq: p.seq,
-            };
-            let first_ann = next_annotation_id;
-            let mut seen_categories = std::collections::HashSet::new();
-            for inst in &sample.instances {
-                annotations.push(CocoAnnotation::new(next_annotation_id, image_id, inst));
-                next_annotation_id += 1;
-                if let Some(c) = categories.get_mut(&inst.category_id) {
-                    c.instance_count += 1;
-                    if seen_categories.insert(inst.category_id) {
-                        c.image_count += 1;
-                    }
-                }
-            }
-            if let Some((builder, path)) = tar.as_mut() {
-                // WebDataset: members sharing a key (the image id) form one sample.
-                let key = format!("{image_id:010}");
-                let meta = serde_json::json!({
-                    "image": &image,
-                    "annotations": &annotations[(first_ann - first_annotation_id) as usize..],
-                });
-                let meta = serde_json::to_vec(&meta).map_err(|e| err(path, e))?;
-                for (member, data) in [(format!("{key}.png"), &png), (format!("{key}.json"), &meta)] {
-                    let mut header = tar::Header::new_gnu();
-                    header.set_size(data.len() as u64);
-                    header.set_mode(0o644);
-                    header.set_cksum();
-                    builder
-                        .append_data(&mut header, &member, data.as_slice())
-                        .map_err(|e| err(path, e))?;
-                }
-            }
-            sessions.insert(key(sample), p.seq + 1);
-            images.push(image);
-            Ok(())
+            .clone()
+            .ok_or_else(|| err(&self.config.out, "samples but no category table"))?;
+        self.sealer.submit(SealJob {
+            out: self.config.out.clone(),
+            shard: self.journal_shard,
+            journal: journal_path(&self.config.out, self.journal_shard),
+            first_image_id: self.journal_first_ids.0,
+            first_annotation_id: self.journal_first_ids.1,
+            categories,
+            tar: self.config.tar,
         })?;
-        let samples = images.len();
-        let file = CocoFile {
-            info: coco::Info {
-                description: "divergen: DiverGen instance-paste samples streamed from devices".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                shard,
-            },
-            licenses: Vec::new(),
-            categories: categories.into_values().collect(),
-            images,
-            annotations,
-        };
-        let index = ShardIndex {
-            shard,
-            samples: samples as u64,
-            first_image_id,
-            first_annotation_id,
-            annotations: next_annotation_id - first_annotation_id,
-            sessions: sessions
-                .into_iter()
-                .map(|((device_id, run_id), next_seq)| SessionRange {
-                    device_id,
-                    run_id,
-                    next_seq,
-                })
-                .collect(),
-        };
-        write_synced(
-            &tmp.join("annotations.json"),
-            &serde_json::to_vec(&file).map_err(|e| err(&tmp, e))?,
-        )?;
-        write_synced(
-            &tmp.join("index.json"),
-            &serde_json::to_vec_pretty(&index).map_err(|e| err(&tmp, e))?,
-        )?;
-        for dir in &made_dirs {
-            sync_dir(dir)?;
-        }
-        sync_dir(&images_dir)?;
-        sync_dir(&tmp)?;
-        if let Some((builder, path)) = tar {
-            let file = builder.into_inner().map_err(|e| err(&path, e))?;
-            file.into_inner()
-                .map_err(|e| err(&path, e.error()))?
-                .sync_all()
-                .map_err(|e| err(&path, e))?;
-            fs::rename(&path, out.join(format!("{name}.tar"))).map_err(|e| err(&path, e))?;
-        }
-        let published = out.join(&name);
-        fs::rename(&tmp, &published).map_err(|e| err(&published, e))?;
-        sync_dir(&out)?;
-        // Only now may the journal forget these samples.
-        self.journal
-            .set_len(0)
-            .and_then(|()| self.journal.sync_all())
-            .map_err(|e| err(&journal_path, e))?;
+        self.journal_shard += 1;
         self.journal_records = 0;
-        self.next_shard += 1;
-        self.next_image_id += samples as u64;
-        self.next_annotation_id = next_annotation_id;
-        self.stats.shards_sealed += 1;
-        self.stats.seal += started.elapsed();
-        log::info!("sealed {} ({samples} samples)", published.display());
+        self.journal_first_ids = (self.next_image_id, self.next_annotation_id);
         Ok(())
     }
+
+    /// Seals everything, the partly filled journal included, and waits until it is published
+    /// (graceful shutdown).
+    pub fn seal(&mut self) -> io::Result<()> {
+        self.rotate()?;
+        self.sealer.wait()
+    }
+}
+
+/// Builds `shard-N.tmp/` from a full journal, fsyncs it, publishes it by renaming, then deletes
+/// the journal. Runs on the sealer thread.
+fn seal_journal(job: &SealJob) -> io::Result<usize> {
+    let out = &job.out;
+    let shard = job.shard;
+    let name = format!("shard-{shard:06}");
+    let tmp = out.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+    }
+    let images_dir = tmp.join("images");
+    fs::create_dir_all(&images_dir).map_err(|e| err(&images_dir, e))?;
+    let table = &job.categories;
+    let mut categories: BTreeMap<u32, CocoCategory> =
+        table.categories.iter().map(|c| (c.id, CocoCategory::new(c))).collect();
+    let mut images = Vec::new();
+    let mut annotations = Vec::new();
+    let mut sessions: BTreeMap<SessionKey, u64> = BTreeMap::new();
+    let mut made_dirs = HashSet::new();
+    let mut tar = match job.tar {
+        true => {
+            let path = out.join(format!("{name}.tar.tmp"));
+            Some((
+                tar::Builder::new(BufWriter::new(File::create(&path).map_err(|e| err(&path, e))?)),
+                path,
+            ))
+        }
+        false => None,
+    };
+    let (first_image_id, first_annotation_id) = (job.first_image_id, job.first_annotation_id);
+    let mut next_annotation_id = first_annotation_id;
+    let journal = File::open(&job.journal).map_err(|e| err(&job.journal, e))?;
+    scan_journal(&journal, &job.journal, |sample| {
+        let sample = &sample;
+        let image_id = first_image_id + images.len() as u64;
+        let file_name = coco::image_file_name(sample);
+        let png = match &sample.image {
+            ImageData::Png(png) => png.clone(),
+            ImageData::Rgb8(rgb) => encode_png(sample.width, sample.height, rgb),
+        };
+        let path = images_dir.join(&file_name);
+        let dir = path.parent().expect("image paths have a folder").to_path_buf();
+        if made_dirs.insert(dir.clone()) {
+            fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
+        }
+        let mut file = File::create(&path).map_err(|e| err(&path, e))?;
+        file.write_all(&png)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| err(&path, e))?;
+        let p = &sample.provenance;
+        let image = CocoImage {
+            id: image_id,
+            file_name,
+            width: sample.width,
+            height: sample.height,
+            neg_category_ids: sample.neg_category_ids.clone(),
+            not_exhaustive_category_ids: sample.not_exhaustive_category_ids.clone(),
+            device_id: p.device_id.clone(),
+            run_id: p.run_id.clone(),
+            seed: p.seed,
+            seq: p.seq,
+        };
+        let first_ann = next_annotation_id;
+        let mut seen_categories = HashSet::new();
+        for inst in &sample.instances {
+            annotations.push(CocoAnnotation::new(next_annotation_id, image_id, inst));
+            next_annotation_id += 1;
+            if let Some(c) = categories.get_mut(&inst.category_id) {
+                c.instance_count += 1;
+                if seen_categories.insert(inst.category_id) {
+                    c.image_count += 1;
+                }
+            }
+        }
+        if let Some((builder, path)) = tar.as_mut() {
+            // WebDataset: members sharing a key (the image id) form one sample.
+            let key = format!("{image_id:010}");
+            let meta = serde_json::json!({
+                "image": &image,
+                "annotations": &annotations[(first_ann - first_annotation_id) as usize..],
+            });
+            let meta = serde_json::to_vec(&meta).map_err(|e| err(path, e))?;
+            for (member, data) in [(format!("{key}.png"), &png), (format!("{key}.json"), &meta)] {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(data.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                builder
+                    .append_data(&mut header, &member, data.as_slice())
+                    .map_err(|e| err(path, e))?;
+            }
+        }
+        sessions.insert(key(sample), p.seq + 1);
+        images.push(image);
+        Ok(())
+    })?;
+    let samples = images.len();
+    let file = CocoFile {
+        info: coco::Info {
+            description: "divergen: DiverGen instance-paste samples streamed from devices".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            shard,
+        },
+        licenses: Vec::new(),
+        categories: categories.into_values().collect(),
+        images,
+        annotations,
+    };
+    let index = ShardIndex {
+        shard,
+        samples: samples as u64,
+        first_image_id,
+        first_annotation_id,
+        annotations: next_annotation_id - first_annotation_id,
+        sessions: sessions
+            .into_iter()
+            .map(|((device_id, run_id), next_seq)| SessionRange {
+                device_id,
+                run_id,
+                next_seq,
+            })
+            .collect(),
+    };
+    write_synced(
+        &tmp.join("annotations.json"),
+        &serde_json::to_vec(&file).map_err(|e| err(&tmp, e))?,
+    )?;
+    write_synced(
+        &tmp.join("index.json"),
+        &serde_json::to_vec_pretty(&index).map_err(|e| err(&tmp, e))?,
+    )?;
+    // The run folders, then the device folders above them.
+    let parents: HashSet<PathBuf> = made_dirs
+        .iter()
+        .filter_map(|d| d.parent().map(Path::to_path_buf))
+        .collect();
+    for dir in made_dirs.iter().chain(&parents) {
+        sync_dir(dir)?;
+    }
+    sync_dir(&images_dir)?;
+    sync_dir(&tmp)?;
+    if let Some((builder, path)) = tar {
+        let file = builder.into_inner().map_err(|e| err(&path, e))?;
+        file.into_inner()
+            .map_err(|e| err(&path, e.error()))?
+            .sync_all()
+            .map_err(|e| err(&path, e))?;
+        fs::rename(&path, out.join(format!("{name}.tar"))).map_err(|e| err(&path, e))?;
+    }
+    let published = out.join(&name);
+    fs::rename(&tmp, &published).map_err(|e| err(&published, e))?;
+    sync_dir(out)?;
+    // Only now may the journal go.
+    fs::remove_file(&job.journal).map_err(|e| err(&job.journal, e))?;
+    sync_dir(out)?;
+    log::info!("sealed {} ({samples} samples)", published.display());
+    Ok(samples)
 }
 
 fn key(sample: &Sample) -> SessionKey {
@@ -591,6 +744,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn_dataset::Dataset;
     use divergen_protocol::{Category, Frequency, Provenance};
 
     fn table() -> CategoryTable {
@@ -655,43 +809,66 @@ mod tests {
             .unwrap();
         assert_eq!(again, Committed { next_seq: 4, gap: true });
         assert_eq!(store.stats().duplicates, 2);
+        assert_eq!(store.pending(), 0, "4 samples fill a shard and go to the sealer");
+        store.sealer.wait().unwrap();
+        assert!(dir.path().join("shard-000000/annotations.json").exists());
         assert!(
-            dir.path().join("shard-000000/annotations.json").exists(),
-            "4 samples fill a shard"
+            !journal_path(dir.path(), 0).exists(),
+            "a sealed shard's journal is deleted"
         );
-        assert_eq!(store.pending(), 0);
     }
 
     #[test]
-    fn a_crash_after_publishing_a_shard_but_before_emptying_the_journal_loses_and_repeats_nothing() {
+    fn a_crash_after_publishing_a_shard_but_before_deleting_its_journal_repeats_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ("d".to_string(), "r".to_string());
+        let journal = {
+            let mut store = open(dir.path());
+            store.pin_categories(table()).unwrap();
+            store.commit(&key, (0..4).map(sample).collect()).unwrap();
+            store.sealer.wait().unwrap();
+            (0..4).flat_map(|i| journal_record(&sample(i))).collect::<Vec<u8>>()
+        };
+        fs::write(journal_path(dir.path(), 0), &journal).unwrap();
+        let mut store = open(dir.path());
+        assert!(!journal_path(dir.path(), 0).exists());
+        assert_eq!((store.pending(), store.next_seq(&key)), (0, 4));
+        store.commit(&key, (4..6).map(sample).collect()).unwrap();
+        store.seal().unwrap();
+        let seqs: Vec<u64> = crate::ShardDataset::open(dir.path())
+            .unwrap()
+            .iter()
+            .map(|s| s.unwrap().provenance.seq)
+            .collect();
+        assert_eq!(seqs, (0..6).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_torn_journal_tail_is_cut_and_ids_continue_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let key = ("d".to_string(), "r".to_string());
         {
             let mut store = open(dir.path());
             store.pin_categories(table()).unwrap();
-            store.commit(&key, (0..3).map(sample).collect()).unwrap();
-        }
-        // Keep a copy of the journal, let the shard seal, then put the journal back: the state a
-        // crash between the folder rename and the journal truncation leaves.
-        let journal = fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
-        {
-            let mut store = open(dir.path());
-            store.commit(&key, vec![sample(3)]).unwrap();
-        }
-        let mut full = journal.clone();
-        full.extend_from_slice(&journal_record(&sample(3)));
-        fs::write(dir.path().join(JOURNAL_FILE), &full).unwrap();
-        // And a torn record after it.
-        let mut torn = full.clone();
-        torn.extend_from_slice(&journal_record(&sample(4))[..10]);
-        fs::write(dir.path().join(JOURNAL_FILE), &torn).unwrap();
+            store.commit(&key, (0..2).map(sample).collect()).unwrap();
+        } // killed: no seal
+        let path = journal_path(dir.path(), 0);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.extend_from_slice(&journal_record(&sample(2))[..10]);
+        fs::write(&path, &bytes).unwrap();
         let mut store = open(dir.path());
-        assert_eq!(store.pending(), 0, "everything in the journal is already in shard 0");
-        assert_eq!(store.next_seq(&key), 4);
-        store.commit(&key, (4..8).map(sample).collect()).unwrap();
+        assert_eq!((store.pending(), store.next_seq(&key)), (2, 2));
+        store.commit(&key, (2..7).map(sample).collect()).unwrap();
+        store.seal().unwrap();
+        drop(store);
+        let mut store = open(dir.path());
+        store.commit(&key, vec![sample(7)]).unwrap();
+        store.seal().unwrap();
         let ds = crate::ShardDataset::open(dir.path()).unwrap();
-        use burn_dataset::Dataset;
         let seqs: Vec<u64> = ds.iter().map(|s| s.unwrap().provenance.seq).collect();
         assert_eq!(seqs, (0..8).collect::<Vec<_>>());
+        let report = crate::verify::verify(dir.path(), |_, _| {}).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!((report.shards, report.images, report.annotations), (3, 8, 8));
     }
 }

@@ -9,7 +9,7 @@ use divergen_protocol::CategoryTable;
 use serde::Serialize;
 
 use crate::coco::CocoFile;
-use crate::store::{CATEGORIES_FILE, JOURNAL_FILE, ShardIndex, list_shards};
+use crate::store::{CATEGORIES_FILE, ShardIndex, list_journals, list_shards};
 
 #[derive(Debug, Default, Serialize)]
 pub struct CategoryCount {
@@ -236,15 +236,16 @@ pub fn verify(out: &Path, mut progress: impl FnMut(u64, u64)) -> io::Result<Repo
             }
         }
     }
-    let journal = out.join(JOURNAL_FILE);
-    if let Ok(meta) = fs::metadata(&journal)
-        && meta.len() > 0
-    {
-        report.notes.push(format!(
-            "{}: {} bytes of acknowledged samples not yet sealed into a shard (the host seals them when the shard fills, at shutdown, or at its next start)",
-            journal.display(),
-            meta.len()
-        ));
+    for (_, journal) in list_journals(out)? {
+        if let Ok(meta) = fs::metadata(&journal)
+            && meta.len() > 0
+        {
+            report.notes.push(format!(
+                "{}: {} bytes of acknowledged samples not yet sealed into a shard (the host seals them when the shard fills, at shutdown, or after its next start)",
+                journal.display(),
+                meta.len()
+            ));
+        }
     }
     report.categories = counts.into_values().filter(|c| c.instances > 0).collect();
     Ok(report)

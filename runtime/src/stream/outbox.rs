@@ -190,6 +190,10 @@ impl Outbox {
     /// Blocks while the outbox is full; fails only on a disk error, a sample larger than the
     /// whole outbox, or after [`Outbox::close`].
     pub fn push(&self, mut sample: Sample) -> io::Result<u64> {
+        // The host would refuse it and end the stream; better to fail the producer now.
+        sample
+            .validate(None)
+            .map_err(|e| io_err(&self.dir, format!("sample refused before sending: {e}")))?;
         let mut state = self.lock();
         let started = Instant::now();
         let mut waited = false;
@@ -200,6 +204,12 @@ impl Outbox {
             sample.provenance.seq = state.next_seq;
             let frame = encode_message(&DeviceMessage::Sample(sample.clone()));
             let size = (frame.len() + HEADER) as u64;
+            if frame.len() > divergen_protocol::limits::MAX_FRAME_BYTES {
+                return Err(io_err(
+                    &self.dir,
+                    format!("a {}-byte sample exceeds the protocol's frame limit", frame.len()),
+                ));
+            }
             if size > self.config.max_bytes {
                 return Err(io_err(
                     &self.dir,
@@ -587,6 +597,17 @@ mod tests {
         outbox.ack(5).unwrap();
         assert_eq!(producer.join().unwrap(), vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(outbox.stats().blocked_pushes, 2);
+    }
+
+    #[test]
+    fn an_invalid_sample_is_refused_at_push_and_takes_no_sequence_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxConfig::default()).unwrap();
+        let mut bad = (0..).map(tiny).find(|s| !s.instances.is_empty()).unwrap();
+        bad.instances[0].mask.counts.push(5);
+        let err = outbox.push(bad).unwrap_err().to_string();
+        assert!(err.contains("instance 0") && err.contains("sum"), "{err}");
+        assert_eq!(outbox.push(tiny(0)).unwrap(), 0);
     }
 
     #[test]
