@@ -23,12 +23,11 @@ use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use divergen_protocol::{CategoryTable, ImageData, Sample};
+use divergen_protocol::{CategoryTable, ImageData, Sample, crc32};
 use serde::{Deserialize, Serialize};
 
 use crate::coco::{self, CocoAnnotation, CocoCategory, CocoFile, CocoImage};
 
-const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 pub const CATEGORIES_FILE: &str = "categories.json";
 
 #[derive(Clone, Debug)]
@@ -652,7 +651,7 @@ fn journal_record(sample: &Sample) -> Vec<u8> {
     let body = postcard::to_allocvec(sample).expect("serialising to a Vec cannot fail");
     let mut record = Vec::with_capacity(body.len() + 8);
     record.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    record.extend_from_slice(&CRC32.checksum(&body).to_le_bytes());
+    record.extend_from_slice(&crc32(&body).to_le_bytes());
     record.extend_from_slice(&body);
     record
 }
@@ -677,7 +676,7 @@ fn scan_journal(journal: &File, path: &Path, mut each: impl FnMut(Sample) -> io:
         }
         body.resize(len as usize, 0);
         reader.read_exact(&mut body).map_err(|e| err(path, e))?;
-        if CRC32.checksum(&body) != crc {
+        if crc32(&body) != crc {
             break;
         }
         let sample: Sample = postcard::from_bytes(&body).map_err(|e| {

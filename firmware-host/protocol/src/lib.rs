@@ -22,7 +22,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-pub use frame::{FrameDecoder, FrameError, decode_message, encode_message};
+pub use frame::{FrameDecoder, FrameError, crc32, decode_message, encode_message};
 pub use rle::Rle;
 
 /// Bumped on any change to the messages below; peers with another version are refused.

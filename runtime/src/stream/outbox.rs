@@ -19,10 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use divergen_protocol::{DeviceMessage, Sample, encode_message};
+use divergen_protocol::{DeviceMessage, Sample, crc32, encode_message};
 
 const HEADER: usize = 16;
-const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
 #[derive(Clone, Debug)]
 pub struct OutboxConfig {
@@ -266,7 +265,7 @@ impl Outbox {
         let mut record = Vec::with_capacity(HEADER + frame.len());
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-        record.extend_from_slice(&CRC32.checksum(frame).to_le_bytes());
+        record.extend_from_slice(&crc32(frame).to_le_bytes());
         record.extend_from_slice(frame);
         let segment = state.segments.back_mut().expect("the open segment is listed");
         let result = file
@@ -432,9 +431,8 @@ fn scan_segment(
         let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
         let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
         let body = offset + HEADER;
-        let intact = seq == next
-            && body + len as usize <= bytes.len()
-            && CRC32.checksum(&bytes[body..body + len as usize]) == crc;
+        let intact =
+            seq == next && body + len as usize <= bytes.len() && crc32(&bytes[body..body + len as usize]) == crc;
         if !intact {
             break;
         }
@@ -464,7 +462,7 @@ fn read_acked(dir: &Path) -> io::Result<u64> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(io_err(&path, e)),
     };
-    if bytes.len() != 12 || CRC32.checksum(&bytes[..8]).to_le_bytes() != bytes[8..12] {
+    if bytes.len() != 12 || crc32(&bytes[..8]).to_le_bytes() != bytes[8..12] {
         return Err(io_err(&path, "ack file is corrupt (expected 8 bytes + CRC-32)"));
     }
     Ok(u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")))
@@ -474,7 +472,7 @@ fn write_acked(dir: &Path, next_seq: u64, sync: bool) -> io::Result<()> {
     let path = dir.join("acked");
     let tmp = dir.join("acked.tmp");
     let mut bytes = next_seq.to_le_bytes().to_vec();
-    bytes.extend_from_slice(&CRC32.checksum(&bytes).to_le_bytes());
+    bytes.extend_from_slice(&crc32(&bytes).to_le_bytes());
     let write = || -> io::Result<()> {
         let mut file = File::create(&tmp)?;
         file.write_all(&bytes)?;

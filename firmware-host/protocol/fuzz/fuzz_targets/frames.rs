@@ -8,8 +8,6 @@
 use divergen_protocol::{DeviceMessage, FrameDecoder, HostMessage, decode_message};
 use libfuzzer_sys::fuzz_target;
 
-const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
-
 fn exercise(frame: &[u8]) {
     if let Ok(message) = decode_message::<DeviceMessage>(frame) {
         match message {
@@ -46,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         }
     });
     let mut body = data.to_vec();
-    body.extend_from_slice(&CRC32.checksum(data).to_le_bytes());
+    body.extend_from_slice(&divergen_protocol::crc32(data).to_le_bytes());
     let mut framed = cobs::encode_vec(&body);
     framed.retain(|&b| b != 0);
     exercise(&framed);
