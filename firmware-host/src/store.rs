@@ -129,7 +129,7 @@ struct Sealer {
 }
 
 impl Sealer {
-    fn start() -> Self {
+    fn start() -> io::Result<Self> {
         let (tx, rx) = channel::<SealJob>();
         let state = Arc::new((Mutex::new(SealState::default()), Condvar::new()));
         let shared = state.clone();
@@ -155,13 +155,12 @@ impl Sealer {
                     }
                     done.notify_all();
                 }
-            })
-            .expect("spawning the sealer thread");
-        Sealer {
+            })?;
+        Ok(Sealer {
             jobs: Some(tx),
             thread: Some(thread),
             state,
-        }
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, SealState> {
@@ -269,7 +268,7 @@ impl Store {
             journal_first_ids: (next_image_id, next_annotation_id),
             next_image_id,
             next_annotation_id,
-            sealer: Sealer::start(),
+            sealer: Sealer::start()?,
             subscribers: Vec::new(),
             stats: StoreStats::default(),
         };
