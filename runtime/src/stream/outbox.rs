@@ -188,20 +188,30 @@ impl Outbox {
     /// Assigns the next sequence number to `sample`, stores it durably and returns the number.
     /// Blocks while the outbox is full; fails only on a disk error, a sample larger than the
     /// whole outbox, or after [`Outbox::close`].
-    pub fn push(&self, mut sample: Sample) -> io::Result<u64> {
+    pub fn push(&self, sample: Sample) -> io::Result<u64> {
         // The host would refuse it and end the stream; better to fail the producer now.
         sample
             .validate(None)
             .map_err(|e| io_err(&self.dir, format!("sample refused before sending: {e}")))?;
+        let mut message = DeviceMessage::Sample(sample);
         let mut state = self.lock();
         let started = Instant::now();
         let mut waited = false;
+        // Encoded for a sequence number; redone only if another producer took that number
+        // while this one waited for room.
+        let mut encoded: Option<(u64, Vec<u8>)> = None;
         loop {
             if let Some(reason) = &state.closed {
                 return Err(io::Error::other(format!("outbox closed: {reason}")));
             }
-            sample.provenance.seq = state.next_seq;
-            let frame = encode_message(&DeviceMessage::Sample(sample.clone()));
+            let seq = state.next_seq;
+            if encoded.as_ref().is_none_or(|(for_seq, _)| *for_seq != seq) {
+                if let DeviceMessage::Sample(sample) = &mut message {
+                    sample.provenance.seq = seq;
+                }
+                encoded = Some((seq, encode_message(&message)));
+            }
+            let frame = &encoded.as_ref().expect("encoded above").1;
             let size = (frame.len() + HEADER) as u64;
             if frame.len() > divergen_protocol::limits::MAX_FRAME_BYTES {
                 return Err(io_err(
@@ -223,8 +233,7 @@ impl Outbox {
                 state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            let seq = state.next_seq;
-            self.append(&mut state, seq, &frame)?;
+            self.append(&mut state, seq, frame)?;
             state.next_seq += 1;
             state.bytes += size;
             state.epoch += 1;
