@@ -102,7 +102,7 @@ fn ten_thousand_samples_arrive_exactly_once_through_crashes_cuts_and_corruption(
     let config = OutboxConfig::with_max_bytes(2 << 20);
     let mut outbox = Arc::new(Outbox::open(&outbox_dir, config.clone()).unwrap());
     let mut streamer = Some(start_streamer(&outbox, proxy.port, &spec));
-    let mut restarts = 0;
+    let (mut restarts, mut rewinds) = (0, 0);
     for seq in 0..N {
         match seq {
             2_500 | 6_000 => {
@@ -118,7 +118,7 @@ fn ten_thousand_samples_arrive_exactly_once_through_crashes_cuts_and_corruption(
             }
             8_000 => {
                 // The device restarts: a new outbox handle and streamer over the same folder.
-                streamer.take().unwrap().stop().unwrap();
+                rewinds += streamer.take().unwrap().stop().unwrap().rewinds;
                 drop(outbox);
                 outbox = Arc::new(Outbox::open(&outbox_dir, config.clone()).unwrap());
                 streamer = Some(start_streamer(&outbox, proxy.port, &spec));
@@ -147,7 +147,7 @@ fn ten_thousand_samples_arrive_exactly_once_through_crashes_cuts_and_corruption(
         "every kind of fault happened: {injected:?}"
     );
     assert_eq!(restarts, 2);
-    assert!(stats.rewinds > 0);
+    assert!(rewinds + stats.rewinds > 0, "lost frames were sent again");
 
     assert_exactly_once(&out, &spec, N);
     let report = verify_cli(&out);
@@ -344,24 +344,34 @@ fn many_devices_at_once_survive_a_graceful_host_restart() {
     let specs: Vec<SampleSpec> = (0..DEVICES)
         .map(|d| SampleSpec::tiny(&format!("cam-{d}"), "shift-1"))
         .collect();
+    let outboxes: Vec<Arc<Outbox>> = (0..DEVICES)
+        .map(|d| {
+            let config = OutboxConfig::with_max_bytes(256 << 10);
+            Arc::new(Outbox::open(dir.path().join(format!("outbox-{d}")), config).unwrap())
+        })
+        .collect();
     let devices: Vec<_> = specs
         .iter()
-        .enumerate()
-        .map(|(d, spec)| {
-            let spec = spec.clone();
-            let outbox_dir = dir.path().join(format!("outbox-{d}"));
+        .zip(&outboxes)
+        .map(|(spec, outbox)| {
+            let (spec, outbox) = (spec.clone(), outbox.clone());
             std::thread::spawn(move || {
-                let outbox = Arc::new(Outbox::open(&outbox_dir, OutboxConfig::with_max_bytes(256 << 10)).unwrap());
                 let streamer = start_streamer(&outbox, port, &spec);
                 for seq in 0..N {
                     outbox.push(synthetic::sample(&spec, seq)).unwrap();
-                    std::thread::sleep(Duration::from_micros(500));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 streamer.finish(Duration::from_secs(120)).unwrap()
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    // Stop the host once every device is streaming to it, well before any is done.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while outboxes.iter().any(|o| o.acked() == 0) {
+        assert!(std::time::Instant::now() < deadline, "devices did not start streaming");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(outboxes.iter().all(|o| o.next_seq() < N), "SIGTERM lands mid-stream");
     let status = host.terminate();
     assert!(status.success(), "SIGTERM mid-stream: {status}");
     let host = Host::start(&out, port, &["--shard-size", "300"]);
