@@ -1,4 +1,5 @@
-"""Reads every shard a divergen host wrote with pycocotools and checks each annotation.
+"""Reads every shard a divergen host wrote with pycocotools (and lvis-api, when installed) and
+checks each annotation.
 
 usage: check_coco.py DATASET_DIR EXPECTED.json
 EXPECTED maps a sample's seq to its instances' masks as row-major foreground pixel indices.
@@ -39,6 +40,27 @@ def main(root, expected_path):
                 assert np.allclose(mask_util.toBbox(rle), ann["bbox"]), (ann["id"], ann["bbox"])
     assert images == len(expected), (images, len(expected))
     print(f"images {images} annotations {annotations}")
+    check_lvis(root, expected)
+
+
+def check_lvis(root, expected):
+    try:
+        from lvis import LVIS
+    except ImportError:
+        print("lvis-api: not installed, skipped")
+        return
+    masks = 0
+    for shard in sorted(glob.glob(os.path.join(root, "shard-*[0-9]"))):
+        lvis = LVIS(os.path.join(shard, "annotations.json"))
+        assert all(c["frequency"] in ("f", "c", "r") for c in lvis.load_cats(None))
+        for img in lvis.load_imgs(lvis.get_img_ids()):
+            want = expected[str(img["seq"])]
+            anns = sorted(lvis.load_anns(lvis.get_ann_ids(img_ids=[img["id"]])), key=lambda a: a["id"])
+            for ann, pixels in zip(anns, want):
+                got = np.flatnonzero(lvis.ann_to_mask(ann).reshape(-1))
+                assert np.array_equal(got, np.asarray(pixels, dtype=got.dtype)), (shard, ann["id"])
+                masks += 1
+    print(f"lvis-api: {masks} masks equal")
 
 
 if __name__ == "__main__":
