@@ -1,0 +1,43 @@
+//! Deterministic pseudo-random weights, bit-for-bit the same as `models/fixtures/recipe.py`:
+//! parity fixtures store only configs and reference outputs, and tests rebuild the checkpoint.
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn fnv1a64(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+    })
+}
+
+/// `offset + scale * (2u - 1)`, `u` the top 24 bits of splitmix64 over `fnv1a64(name) + i·golden`.
+pub fn values(name: &str, count: usize, scale: f64, offset: f64) -> Vec<f32> {
+    let seed = fnv1a64(name);
+    (0..count as u64)
+        .map(|i| {
+            let mut z = i.wrapping_mul(GOLDEN).wrapping_add(seed);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f64 / (1u64 << 24) as f64;
+            (offset + scale * (2.0 * u - 1.0)) as f32
+        })
+        .collect()
+}
+
+/// The values the fixture scripts give a checkpoint tensor, by its key and shape.
+pub fn tensor(name: &str, shape: &[usize]) -> Vec<f32> {
+    let count = shape.iter().product::<usize>().max(1);
+    let (scale, offset) = if name.contains("norm") && name.ends_with(".weight") {
+        (0.1, 1.0)
+    } else if name.ends_with(".bias") || name.contains("embedding") || name.ends_with("logit_scale") {
+        (0.02, 0.0)
+    } else {
+        let fan_in: usize = if shape.len() > 1 {
+            shape[1..].iter().product()
+        } else {
+            shape.first().copied().unwrap_or(1)
+        };
+        (1.0 / (fan_in as f64).sqrt(), 0.0)
+    };
+    values(name, count, scale, offset)
+}
