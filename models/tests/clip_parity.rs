@@ -165,14 +165,13 @@ fn a_broken_checkpoint_names_the_file_the_key_and_the_shapes() {
         "{err}"
     );
 
-    let wrong = vec![0f32; 4];
-    let view = TensorView::new(Dtype::F32, vec![2, 2], bytemuck::cast_slice(&wrong)).unwrap();
-    safetensors::serialize_to_file(
-        vec![("text_model.embeddings.token_embedding.weight".to_string(), view)],
-        None,
-        &weights,
-    )
-    .unwrap();
+    // A checkpoint holding only a 2x2 token embedding of the given type.
+    let write_token_embedding = |dtype: Dtype, bytes: &[u8]| {
+        let view = TensorView::new(dtype, vec![2, 2], bytes).unwrap();
+        let key = "text_model.embeddings.token_embedding.weight".to_string();
+        safetensors::serialize_to_file(vec![(key, view)], None, &weights).unwrap();
+    };
+    write_token_embedding(Dtype::F32, bytemuck::cast_slice(&[0f32; 4]));
     let err = load_error();
     assert!(
         err.contains("token_embedding.weight has shape [2, 2], expected [49408, 512]"),
@@ -187,14 +186,7 @@ fn a_broken_checkpoint_names_the_file_the_key_and_the_shapes() {
         "{err}"
     );
 
-    let ints = vec![0i32; 4];
-    let view = TensorView::new(Dtype::I32, vec![2, 2], bytemuck::cast_slice(&ints)).unwrap();
-    safetensors::serialize_to_file(
-        vec![("text_model.embeddings.token_embedding.weight".to_string(), view)],
-        None,
-        &weights,
-    )
-    .unwrap();
+    write_token_embedding(Dtype::I32, bytemuck::cast_slice(&[0i32; 4]));
     std::fs::write(
         dir.path().join("config.json"),
         r#"{"text_config": {"vocab_size": 2, "hidden_size": 2, "num_attention_heads": 1}}"#,
