@@ -3,5 +3,6 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod clip_preprocess;
 pub mod clip_tokenizer;
 pub mod recipe;
