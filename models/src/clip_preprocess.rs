@@ -5,7 +5,8 @@
 use image::RgbImage;
 
 pub const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+// transformers' [0.26862954, 0.26130258, 0.27577711], written to f32 precision.
+pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Pillow's fixed point for 8-bit resampling: 32 bits minus 8 for the value, 2 for the sign and
 /// overshoot of negative lobes.
