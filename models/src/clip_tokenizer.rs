@@ -162,6 +162,27 @@ impl ClipTokenizer {
         })
     }
 
+    /// Writes `vocab.json` + `merges.txt` (Hugging Face's tokenizer files) into `dir`, e.g. to
+    /// turn OpenAI's merge list into a checkpoint folder's tokenizer.
+    pub fn save_hf(&self, dir: &Path) -> Result<(), TokenizerError> {
+        let err = |p: &Path, e: &dyn std::fmt::Display| TokenizerError(format!("{}: {e}", p.display()));
+        let mut vocab: Vec<(&String, &u32)> = self.encoder.iter().collect();
+        vocab.sort_by_key(|(_, id)| **id);
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            vocab.into_iter().map(|(t, id)| (t.clone(), (*id).into())).collect();
+        let path = dir.join("vocab.json");
+        let json = serde_json::to_vec(&vocab).map_err(|e| err(&path, &e))?;
+        std::fs::write(&path, json).map_err(|e| err(&path, &e))?;
+        let mut merges: Vec<(&(String, String), &u32)> = self.ranks.iter().collect();
+        merges.sort_by_key(|(_, rank)| **rank);
+        let mut text = String::from("#version: 0.2\n");
+        for ((a, b), _) in merges {
+            text.push_str(&format!("{a} {b}\n"));
+        }
+        let path = dir.join("merges.txt");
+        std::fs::write(&path, text).map_err(|e| err(&path, &e))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.encoder.len()
     }
@@ -306,18 +327,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("divergen-clip-tok-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let openai = tokenizer();
-        let mut vocab: Vec<(&String, &u32)> = openai.encoder.iter().collect();
-        vocab.sort_by_key(|(_, id)| **id);
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            vocab.into_iter().map(|(t, id)| (t.clone(), (*id).into())).collect();
-        std::fs::write(dir.join("vocab.json"), serde_json::to_vec(&vocab).unwrap()).unwrap();
-        let mut merges: Vec<(&(String, String), &u32)> = openai.ranks.iter().collect();
-        merges.sort_by_key(|(_, r)| **r);
-        let text: String = std::iter::once("#version: 0.2".to_string())
-            .chain(merges.iter().map(|((a, b), _)| format!("{a} {b}")))
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(dir.join("merges.txt"), text).unwrap();
+        openai.save_hf(&dir).unwrap();
         let hf = ClipTokenizer::from_dir(&dir).unwrap();
         for s in ["a photo of a cat", "Ångström's 3 çafés!", "<|endoftext|> x"] {
             assert_eq!(hf.encode(s), openai.encode(s));

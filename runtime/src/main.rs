@@ -2,6 +2,7 @@
 
 mod bench;
 mod devices;
+mod embed;
 
 use std::process::ExitCode;
 
@@ -57,6 +58,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// L2-normalised CLIP embeddings of images and texts.
+    Embed(embed::EmbedArgs),
     /// The sample stream to a host.
     Stream {
         #[command(subcommand)]
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchCommand::Kernels(args),
         } => bench::run_kernels(&request, &args),
+        Command::Embed(args) => embed::run(&request, &args),
         Command::Stream {
             what: StreamCommand::Bench(args),
         } => divergen_runtime::stream::bench::run(&args),

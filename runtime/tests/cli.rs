@@ -124,3 +124,103 @@ fn stream_bench_rejects_an_unusable_address() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"nowhere\" is not host:port"));
 }
+
+/// A CLIPModel folder from the parity fixture: its config, recipe weights, OpenAI's vocabulary.
+fn clip_folder() -> tempfile::TempDir {
+    use safetensors::{Dtype, tensor::TensorView};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/clip");
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixtures.join("vit-b-32-2layer");
+    std::fs::copy(fixture.join("config.json"), dir.path().join("config.json")).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("reference.json")).unwrap()).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = reference["keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| !k.ends_with("position_ids"))
+        .map(|(k, shape)| {
+            let shape: Vec<usize> = shape
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (k.clone(), shape.clone(), divergen_models::recipe::tensor(k, &shape))
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, s, v)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), bytemuck::cast_slice(v)).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    divergen_models::clip_tokenizer::ClipTokenizer::from_openai_bpe(&fixtures.join("bpe_simple_vocab_16e6.txt.gz"))
+        .unwrap()
+        .save_hf(dir.path())
+        .unwrap();
+    dir
+}
+
+#[test]
+fn embed_prints_unit_embeddings_and_text_matches_the_reference() {
+    let clip = clip_folder();
+    let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/clip/preprocess/input-0.png");
+    let out = divergen(&[
+        "embed",
+        "--clip",
+        clip.path().to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--text",
+        "a dog",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vector = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let image_embedding = vector(&got["images"][0]);
+    let text_embedding = vector(&got["texts"][0]);
+    assert_eq!((image_embedding.len(), text_embedding.len()), (512, 512));
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm(&image_embedding) - 1.0).abs() < 1e-4);
+    // "a dog" is the fixture's second text: tokenizer + text tower end to end against transformers.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/clip/vit-b-32-2layer");
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(reference["texts"][1], "a dog");
+    let want = vector(&reference["text_embeds"][1]);
+    let want: Vec<f32> = want.iter().map(|x| x / norm(&want)).collect();
+    let worst = text_embedding
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "text embedding differs from transformers by up to {worst}"
+    );
+}
+
+#[test]
+fn embed_names_a_missing_model_folder_and_a_corrupt_image() {
+    let out = divergen(&["embed", "--clip", "/nonexistent/clip", "--text", "a cat"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/clip"));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.png");
+    std::fs::write(&bad, b"not a png").unwrap();
+    let out = divergen(&["embed", "--clip", "/nonexistent/clip", "--image", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.png"));
+}

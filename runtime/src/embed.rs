@@ -1,0 +1,116 @@
+//! `divergen embed`: L2-normalised CLIP embeddings of images and texts.
+
+use std::path::PathBuf;
+
+use burn::tensor::{Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use divergen_kernels::device::{DeviceRequest, open};
+use divergen_models::clip::{Clip, Quantization, normalize};
+use divergen_models::clip_preprocess::pixel_values;
+use divergen_models::clip_tokenizer::ClipTokenizer;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum QuantArg {
+    None,
+    Int8,
+    Int4,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// A Hugging Face CLIPModel folder: config.json, model.safetensors, vocab.json + merges.txt
+    /// (there or in tokenizer/).
+    #[arg(long)]
+    pub clip: PathBuf,
+    /// Images to embed.
+    #[arg(long, num_args = 1..)]
+    pub image: Vec<PathBuf>,
+    /// Texts to embed.
+    #[arg(long, num_args = 1..)]
+    pub text: Vec<String>,
+    /// Weight-only quantization of the linear layers, applied at load.
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: QuantArg,
+    /// Print `{"images": [[..]], "texts": [[..]]}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn rows(t: Tensor<2>) -> Result<Vec<Vec<f32>>, String> {
+    let [n, d] = t.dims();
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| format!("reading embeddings back: {e:?}"))?;
+    Ok((0..n).map(|i| values[i * d..(i + 1) * d].to_vec()).collect())
+}
+
+pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
+    if args.image.is_empty() && args.text.is_empty() {
+        return Err("nothing to embed: give --image and/or --text".into());
+    }
+    let quant = match args.quant {
+        QuantArg::None => Quantization::None,
+        QuantArg::Int8 => Quantization::Int8,
+        QuantArg::Int4 => Quantization::Int4,
+    };
+    // Decode every input before the (slow) model load, so a bad file fails fast.
+    let mut pixels = Vec::new();
+    for path in &args.image {
+        let img = image::open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .into_rgb8();
+        pixels.extend(pixel_values(&img));
+    }
+    let tokenizer = ClipTokenizer::from_dir(&args.clip).map_err(|e| e.to_string())?;
+    let device = open(request).map_err(|e| e.to_string())?;
+    let clip = Clip::load(&args.clip, quant, &device.device).map_err(|e| e.to_string())?;
+    log::info!(
+        "CLIP from {} on {}: linear layers {:.1} MiB ({:?})",
+        args.clip.display(),
+        device.describe(),
+        clip.linear_bytes() as f64 / (1 << 20) as f64,
+        quant
+    );
+    let images = if args.image.is_empty() {
+        Vec::new()
+    } else {
+        let n = args.image.len();
+        let size = clip.config.vision_config.image_size;
+        let batch = Tensor::from_data(TensorData::new(pixels, [n, 3, size, size]), &device.device);
+        rows(normalize(clip.vision.forward(batch).map_err(|e| e.to_string())?))?
+    };
+    let texts = if args.text.is_empty() {
+        Vec::new()
+    } else {
+        let ids: Vec<Vec<u32>> = args
+            .text
+            .iter()
+            .map(|t| tokenizer.encode_padded(t, tokenizer.end_id()).0)
+            .collect();
+        rows(normalize(clip.text.forward(&ids).map_err(|e| e.to_string())?))?
+    };
+    if args.json {
+        let out = serde_json::json!({ "images": images, "texts": texts });
+        println!("{}", serde_json::to_string(&out).map_err(|e| e.to_string())?);
+    } else {
+        for (path, e) in args.image.iter().zip(&images) {
+            println!("image {}: {} dims", path.display(), e.len());
+        }
+        for (text, e) in args.text.iter().zip(&texts) {
+            println!("text {text:?}: {} dims", e.len());
+        }
+        if !images.is_empty() && !texts.is_empty() {
+            println!("cosine similarity (rows: images, columns: texts):");
+            for (path, i) in args.image.iter().zip(&images) {
+                let sims: Vec<String> = texts
+                    .iter()
+                    .map(|t| format!("{:.4}", i.iter().zip(t).map(|(a, b)| a * b).sum::<f32>()))
+                    .collect();
+                println!("  {}: {}", path.display(), sims.join("  "));
+            }
+        }
+    }
+    Ok(())
+}
