@@ -41,3 +41,33 @@ pub fn tensor(name: &str, shape: &[usize]) -> Vec<f32> {
     };
     values(name, count, scale, offset)
 }
+
+/// Writes a safetensors checkpoint with the recipe's values for every key of a fixture's
+/// `keys` map (`{"key": [shape..]}`, as the fixture scripts record it), skipping the
+/// `position_ids` buffers transformers stores alongside the weights. Parity tests rebuild the
+/// reference model's checkpoint this way.
+pub fn write_checkpoint(
+    path: &std::path::Path,
+    keys: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), crate::checkpoint::ModelError> {
+    use crate::checkpoint::ModelError;
+    use safetensors::{Dtype, tensor::TensorView};
+    let mut tensors = Vec::new();
+    for (key, shape) in keys.iter().filter(|(k, _)| !k.ends_with("position_ids")) {
+        let shape: Vec<usize> = shape
+            .as_array()
+            .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| ModelError::at(path, format!("shape of {key} is not a list of sizes")))?;
+        let bytes: Vec<u8> = tensor(key, &shape).iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((key.clone(), shape, bytes));
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|view| (k.clone(), view))
+                .map_err(|e| ModelError::at(path, format!("{k}: {e:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| ModelError::at(path, format!("{e:?}")))
+}

@@ -37,31 +37,11 @@ fn rows(v: &serde_json::Value) -> Vec<Vec<f32>> {
 fn checkpoint_dir(reference: &serde_json::Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture().join("config.json"), dir.path().join("config.json")).unwrap();
-    let keys = reference["keys"].as_object().unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = keys
-        .iter()
-        .filter(|(k, _)| !k.ends_with("position_ids"))
-        .map(|(k, shape)| {
-            let shape: Vec<usize> = shape
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            let values = recipe::tensor(k, &shape);
-            (k.clone(), shape, values)
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(k, shape, v)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(v)).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    recipe::write_checkpoint(
+        &dir.path().join("model.safetensors"),
+        reference["keys"].as_object().unwrap(),
+    )
+    .unwrap();
     dir
 }
 

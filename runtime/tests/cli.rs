@@ -127,38 +127,17 @@ fn stream_bench_rejects_an_unusable_address() {
 
 /// A CLIPModel folder from the parity fixture: its config, recipe weights, OpenAI's vocabulary.
 fn clip_folder() -> tempfile::TempDir {
-    use safetensors::{Dtype, tensor::TensorView};
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/clip");
     let dir = tempfile::tempdir().unwrap();
     let fixture = fixtures.join("vit-b-32-2layer");
     std::fs::copy(fixture.join("config.json"), dir.path().join("config.json")).unwrap();
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture.join("reference.json")).unwrap()).unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = reference["keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| !k.ends_with("position_ids"))
-        .map(|(k, shape)| {
-            let shape: Vec<usize> = shape
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (k.clone(), shape.clone(), divergen_models::recipe::tensor(k, &shape))
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(k, s, v)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, s.clone(), bytemuck::cast_slice(v)).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    divergen_models::recipe::write_checkpoint(
+        &dir.path().join("model.safetensors"),
+        reference["keys"].as_object().unwrap(),
+    )
+    .unwrap();
     divergen_models::clip_tokenizer::ClipTokenizer::from_openai_bpe(&fixtures.join("bpe_simple_vocab_16e6.txt.gz"))
         .unwrap()
         .save_hf(dir.path())
