@@ -41,6 +41,16 @@ pub trait DivergenKernels: Backend {
     #[fusion(dtype = q, shape = q)]
     fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
 
+    #[fusion(dtype = q, shape = q)]
+    fn attention_rel_pos(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias_h: FloatTensor<Self>,
+        bias_w: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+
     #[fusion(dtype = x, shape = x)]
     fn group_norm(
         x: FloatTensor<Self>,
@@ -99,7 +109,18 @@ impl DivergenKernels for CubeBackend {
         crate::qgemm::launch(x, words, scales, out_features, QuantFormat::Int4)
     }
     fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        crate::attention::launch(q, k, v, scale)
+        crate::attention::launch(q, k, v, scale, None)
+    }
+    fn attention_rel_pos(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias_h: FloatTensor<Self>,
+        bias_w: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let bias = crate::attention::RelPosBias { h: bias_h, w: bias_w };
+        crate::attention::launch(q, k, v, scale, Some(bias))
     }
     fn group_norm(
         x: FloatTensor<Self>,
@@ -248,6 +269,37 @@ impl DivergenKernels for Flex {
                 d: qd[3],
             },
             scale,
+        );
+        write_float(out, qd, dtype, &device)
+    }
+    fn attention_rel_pos(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias_h: FloatTensor<Self>,
+        bias_w: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let device = q.device();
+        let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (read_float(q), read_float(k), read_float(v));
+        let ((hv, hd, _), (wv, wd, _)) = (read_float(bias_h), read_float(bias_w));
+        assert!(
+            hd.len() == 4 && wd.len() == 4 && hd[3] * wd[3] == kd[2],
+            "attention: relative-position bias {hd:?} + {wd:?} does not fit {} keys",
+            kd[2]
+        );
+        let out = crate::attention::reference_with_bias(
+            &qv,
+            &kv,
+            &vv,
+            crate::attention::AttentionShape {
+                bh: qd[0] * qd[1],
+                sq: qd[2],
+                skv: kd[2],
+                d: qd[3],
+            },
+            scale,
+            Some((&hv, &wv, wd[3])),
         );
         write_float(out, qd, dtype, &device)
     }
@@ -424,6 +476,27 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
+        scale,
+    ))
+}
+
+/// [`attention`] over keys laid out as a `KH×KW` grid, each score plus the decomposed
+/// relative-position bias `bias_h [B, H, Sq, KH]` (indexed by the key's row) and `bias_w
+/// [B, H, Sq, KW]` (by its column), as SAM's image encoder adds it after scaling.
+pub fn attention_rel_pos(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias_h: Tensor<4>,
+    bias_w: Tensor<4>,
+    scale: f32,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::attention_rel_pos(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias_h.into_dispatch(),
+        bias_w.into_dispatch(),
         scale,
     ))
 }

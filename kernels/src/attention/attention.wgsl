@@ -6,11 +6,16 @@
 // over SIMD lanes, so this reuse is what pays; on GPUs TQ = 1 keeps registers for occupancy).
 // Scores are taken KB keys at a time so accumulators are rescaled once per block, not per key.
 // The body is generated fully unrolled (attention/mod.rs) over TQ, KB and the head dimension.
+//
+// Optionally each score gains a decomposed relative-position bias (SAM's ViT, after MViTv2):
+// keys form a KH×KW grid and score(i, j) += bias_h[i, j / KW] + bias_w[i, j % KW], so the bias is
+// O(Sq·(KH+KW)) in memory, never O(Sq·Skv).
 struct Params {
     sq: u32,
     skv: u32,
     scale_bits: u32,
-    _pad: u32,
+    // Key grid width of the relative-position bias (unused without one).
+    kw: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> q: array<vec4<f32>>;
@@ -18,7 +23,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> v: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> p: Params;
-
+{{ bias_bindings }}
 const D4: u32 = {{ d4 }}u;
 const KB: u32 = {{ kb }}u;
 const TQ: u32 = {{ tq }}u;
