@@ -1,5 +1,6 @@
-//! Reading safetensors checkpoints with errors that name the file, the key, and what was
-//! expected: a user pointing at the wrong file learns exactly what is wrong.
+//! Reading checkpoints (safetensors, and PyTorch's `.pth`/`.pt` through burn-store's pickle
+//! reader) with errors that name the file, the key, and what was expected: a user pointing at
+//! the wrong file learns exactly what is wrong.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -32,15 +33,39 @@ struct Entry {
     end: usize,
 }
 
-/// A whole safetensors file in memory with its index.
+enum Source {
+    /// The whole file in memory with its index.
+    Safetensors {
+        bytes: Vec<u8>,
+        entries: HashMap<String, Entry>,
+    },
+    /// Metadata only; each tensor is read from the file when asked for.
+    Pytorch(HashMap<String, pytorch_reader::Tensor>),
+}
+
+/// A checkpoint's tensors by key, whatever the file format.
 pub struct Checkpoint {
     path: PathBuf,
-    bytes: Vec<u8>,
-    entries: HashMap<String, Entry>,
+    source: Source,
 }
 
 impl Checkpoint {
+    /// Opens a safetensors file or a PyTorch checkpoint (`torch.save` of a state dict, ZIP or
+    /// legacy), told apart by content, not by name.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let mut head = [0u8; 9];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+            .map_err(|e| ModelError::at(path, e))?;
+        // safetensors: a little-endian header length, then the JSON header.
+        if n == 9 && head[8] == b'{' {
+            Self::open_safetensors(path)
+        } else {
+            Self::open_pytorch(path)
+        }
+    }
+
+    fn open_safetensors(path: &Path) -> Result<Self, ModelError> {
         let bytes = std::fs::read(path).map_err(|e| ModelError::at(path, e))?;
         let (header, metadata) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| ModelError::at(path, format!("not a valid safetensors file ({e:?})")))?;
@@ -66,8 +91,20 @@ impl Checkpoint {
         }
         Ok(Checkpoint {
             path: path.to_path_buf(),
-            bytes,
-            entries,
+            source: Source::Safetensors { bytes, entries },
+        })
+    }
+
+    fn open_pytorch(path: &Path) -> Result<Self, ModelError> {
+        let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| {
+            ModelError::at(
+                path,
+                format!("neither a safetensors file nor a readable PyTorch checkpoint ({e})"),
+            )
+        })?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            source: Source::Pytorch(reader.into_tensors()),
         })
     }
 
@@ -76,40 +113,87 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        match &self.source {
+            Source::Safetensors { entries, .. } => entries.contains_key(key),
+            Source::Pytorch(tensors) => tensors.contains_key(key),
+        }
     }
 
-    /// The tensor under `key` as f32 (f32, f16 and bf16 are read), after checking its shape.
+    /// Every key with its shape, sorted.
+    pub fn keys(&self) -> Vec<(String, Vec<usize>)> {
+        let mut keys: Vec<(String, Vec<usize>)> = match &self.source {
+            Source::Safetensors { entries, .. } => entries.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect(),
+            Source::Pytorch(tensors) => tensors.iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect(),
+        };
+        keys.sort();
+        keys
+    }
+
+    fn missing(&self, key: &str, shape: &[usize]) -> ModelError {
+        ModelError::at(&self.path, format!("missing tensor {key} (expected shape {shape:?})"))
+    }
+
+    fn wrong_shape(&self, key: &str, found: &[usize], shape: &[usize]) -> ModelError {
+        ModelError::at(
+            &self.path,
+            format!("tensor {key} has shape {found:?}, expected {shape:?}"),
+        )
+    }
+
+    /// The tensor under `key` as f32 (f32, f16 and bf16 are read; PyTorch files also f64),
+    /// after checking its shape.
     pub fn values(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let entry = self
-            .entries
-            .get(key)
-            .ok_or_else(|| ModelError::at(&self.path, format!("missing tensor {key} (expected shape {shape:?})")))?;
-        if entry.shape != shape {
-            return Err(ModelError::at(
-                &self.path,
-                format!("tensor {key} has shape {:?}, expected {shape:?}", entry.shape),
-            ));
-        }
-        let raw = &self.bytes[entry.start..entry.end];
-        let values: Vec<f32> = match entry.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ModelError::at(
-                    &self.path,
-                    format!("tensor {key} is {other:?}; expected a float tensor (F32, F16 or BF16)"),
-                ));
+        let values = match &self.source {
+            Source::Safetensors { bytes, entries } => {
+                let entry = entries.get(key).ok_or_else(|| self.missing(key, shape))?;
+                if entry.shape != shape {
+                    return Err(self.wrong_shape(key, &entry.shape, shape));
+                }
+                let raw = &bytes[entry.start..entry.end];
+                match entry.dtype {
+                    Dtype::F32 => decode_f32(raw),
+                    Dtype::F16 => decode_f16(raw),
+                    Dtype::BF16 => decode_bf16(raw),
+                    other => {
+                        return Err(ModelError::at(
+                            &self.path,
+                            format!("tensor {key} is {other:?}; expected a float tensor (F32, F16 or BF16)"),
+                        ));
+                    }
+                }
+            }
+            Source::Pytorch(tensors) => {
+                use pytorch_reader::DType as T;
+                let tensor = tensors.get(key).ok_or_else(|| self.missing(key, shape))?;
+                if tensor.shape() != shape {
+                    return Err(self.wrong_shape(key, tensor.shape(), shape));
+                }
+                let raw = tensor.read().map_err(|e| ModelError::at(&self.path, e))?;
+                // The reader hands back native-endian bytes.
+                match tensor.dtype() {
+                    T::F32 => raw
+                        .chunks_exact(4)
+                        .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                    T::F16 => raw
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
+                        .collect(),
+                    T::BF16 => raw
+                        .chunks_exact(2)
+                        .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
+                        .collect(),
+                    T::F64 => raw
+                        .chunks_exact(8)
+                        .map(|c| f64::from_ne_bytes(c.try_into().expect("8-byte chunk")) as f32)
+                        .collect(),
+                    other => {
+                        return Err(ModelError::at(
+                            &self.path,
+                            format!("tensor {key} is {other:?}; expected a float tensor (F32, F16, BF16 or F64)"),
+                        ));
+                    }
+                }
             }
         };
         if values.len() != shape.iter().product::<usize>() {
@@ -130,4 +214,22 @@ impl Checkpoint {
         let values = self.values(key, &shape)?;
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
+}
+
+fn decode_f32(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn decode_f16(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
+}
+
+fn decode_bf16(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(2)
+        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
 }

@@ -10,11 +10,17 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use divergen_kernels::quant::{Int4Weights, Int8Weights};
-use divergen_kernels::{QuantizedWeight, attention, gelu, gemm, gemm_bt, layer_norm, qgemm, softmax};
+use divergen_kernels::{attention, gelu, gemm, gemm_bt, softmax};
 use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, ModelError};
+/// Int4 puts the vision tower's MLPs (two thirds of its linear weights) in int4 and keeps
+/// attention, projections and the whole text tower in int8. Measured on the parity fixture
+/// (cosine to f32): everything in int4 gave 0.997 for images but 0.986 for texts; int4 MLPs in
+/// both towers 0.9995 and 0.988. Text embeddings are computed once per category, images once per
+/// generated instance, so int4 goes where the volume is.
+pub use crate::layers::Quantization;
+use crate::layers::{LayerNorm, Linear};
 
 // ---- Config: the fields of transformers' CLIPConfig this model reads, with its defaults. ----
 
@@ -164,29 +170,6 @@ impl ClipConfig {
 
 // ---- Building blocks ----
 
-/// Weight-only quantization applied to linear layers at load. Embeddings, norms and the patch
-/// embedding stay f32. `Int4` puts the vision tower's MLPs (two thirds of its linear weights) in
-/// int4 and keeps attention, projections and the whole text tower in int8. Measured on the
-/// parity fixture (cosine to f32): everything in int4 gave 0.997 for images but 0.986 for
-/// texts; int4 MLPs in both towers 0.9995 and 0.988. Text embeddings are computed once per
-/// category, images once per generated instance, so int4 goes where the volume is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Quantization {
-    None,
-    Int8,
-    Int4,
-}
-
-impl Quantization {
-    /// The format for attention and projection layers, the ones most sensitive to rounding.
-    fn sensitive(self) -> Quantization {
-        match self {
-            Quantization::Int4 => Quantization::Int8,
-            other => other,
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Activation {
     QuickGelu,
@@ -208,87 +191,6 @@ impl Activation {
             Activation::QuickGelu => x.clone() * burn::tensor::activation::sigmoid(x * 1.702),
             Activation::Gelu => gelu(x, false),
         }
-    }
-}
-
-// A few of these per layer, never in a hot collection: boxing would only add indirection.
-#[allow(clippy::large_enum_variant)]
-enum Weight {
-    /// `[1, out, in]`: the batch of one broadcasts over the input's batch.
-    Dense(Tensor<3>),
-    Quantized(QuantizedWeight),
-}
-
-struct Linear {
-    weight: Weight,
-    bias: Option<Tensor<1>>,
-}
-
-impl Linear {
-    fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-        quant: Quantization,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let w = ckpt.values(&format!("{prefix}.weight"), &[out, inp])?;
-        let weight = match quant {
-            Quantization::None => Weight::Dense(Tensor::from_data(TensorData::new(w, [1, out, inp]), device)),
-            Quantization::Int8 => {
-                Weight::Quantized(QuantizedWeight::int8(&Int8Weights::quantize(&w, out, inp), device))
-            }
-            Quantization::Int4 => {
-                Weight::Quantized(QuantizedWeight::int4(&Int4Weights::quantize(&w, out, inp), device))
-            }
-        };
-        let bias = if bias {
-            Some(ckpt.tensor(&format!("{prefix}.bias"), [out], device)?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
-
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let y = match &self.weight {
-            Weight::Dense(w) => gemm_bt(x, w.clone()),
-            Weight::Quantized(q) => qgemm(x, q),
-        };
-        match &self.bias {
-            Some(b) => y + b.clone().unsqueeze::<3>(),
-            None => y,
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        let weight = match &self.weight {
-            Weight::Dense(w) => w.shape().num_elements() * 4,
-            Weight::Quantized(q) => q.bytes(),
-        };
-        weight + self.bias.as_ref().map_or(0, |b| b.shape().num_elements() * 4)
-    }
-}
-
-struct LayerNorm {
-    gamma: Tensor<1>,
-    beta: Tensor<1>,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(ckpt: &Checkpoint, prefix: &str, dim: usize, eps: f64, device: &Device) -> Result<Self, ModelError> {
-        Ok(LayerNorm {
-            gamma: ckpt.tensor(&format!("{prefix}.weight"), [dim], device)?,
-            beta: ckpt.tensor(&format!("{prefix}.bias"), [dim], device)?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.gamma.clone(), self.beta.clone(), self.eps)
     }
 }
 

@@ -5,4 +5,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod clip_preprocess;
 pub mod clip_tokenizer;
+pub mod layers;
 pub mod recipe;
+pub mod resize;
+pub mod sam;

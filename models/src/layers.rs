@@ -1,0 +1,145 @@
+//! The layers every model here is built from: linear layers whose weights are quantized (or not)
+//! at load, and layer norms, both through our kernels.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use divergen_kernels::quant::{Int4Weights, Int8Weights};
+use divergen_kernels::{QuantizedWeight, gemm_bt, layer_norm, qgemm};
+
+use crate::checkpoint::{Checkpoint, ModelError};
+
+/// Weight-only quantization applied to linear layers at load. Embeddings, norms, positional
+/// tables and first convolutions stay f32; each model decides per layer which format its
+/// layers take (see [`Quantization::sensitive`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    None,
+    Int8,
+    Int4,
+}
+
+impl Quantization {
+    /// The format for layers most sensitive to rounding (attention, projections): int4 requests
+    /// fall back to int8 there.
+    pub fn sensitive(self) -> Quantization {
+        match self {
+            Quantization::Int4 => Quantization::Int8,
+            other => other,
+        }
+    }
+}
+
+// A few of these per layer, never in a hot collection: boxing would only add indirection.
+#[allow(clippy::large_enum_variant)]
+enum Weight {
+    /// `[1, out, in]`: the batch of one broadcasts over the input's batch.
+    Dense(Tensor<3>),
+    Quantized(QuantizedWeight),
+}
+
+/// `y = x·Wᵀ + b` over the last dimension, `W` in PyTorch's `[out, in]` layout.
+pub(crate) struct Linear {
+    weight: Weight,
+    bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    pub(crate) fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let w = ckpt.values(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(ckpt.values(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self::from_values(w, bias, out, inp, quant, device))
+    }
+
+    /// A layer from weights already in hand (`[out, in]` row-major), e.g. a 1×1 or patch
+    /// convolution flattened to a matrix.
+    pub(crate) fn from_values(
+        w: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        out: usize,
+        inp: usize,
+        quant: Quantization,
+        device: &Device,
+    ) -> Self {
+        let weight = match quant {
+            Quantization::None => Weight::Dense(Tensor::from_data(TensorData::new(w, [1, out, inp]), device)),
+            Quantization::Int8 => {
+                Weight::Quantized(QuantizedWeight::int8(&Int8Weights::quantize(&w, out, inp), device))
+            }
+            Quantization::Int4 => {
+                Weight::Quantized(QuantizedWeight::int4(&Int4Weights::quantize(&w, out, inp), device))
+            }
+        };
+        let bias = bias.map(|b| Tensor::from_data(TensorData::new(b, [out]), device));
+        Linear { weight, bias }
+    }
+
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let y = match &self.weight {
+            Weight::Dense(w) => gemm_bt(x, w.clone()),
+            Weight::Quantized(q) => qgemm(x, q),
+        };
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<3>(),
+            None => y,
+        }
+    }
+
+    pub(crate) fn out_features(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.dims()[1],
+            Weight::Quantized(q) => q.out_features,
+        }
+    }
+
+    /// Bytes the layer holds on the device.
+    pub(crate) fn bytes(&self) -> usize {
+        let weight = match &self.weight {
+            Weight::Dense(w) => w.shape().num_elements() * 4,
+            Weight::Quantized(q) => q.bytes(),
+        };
+        weight + self.bias.as_ref().map_or(0, |b| b.shape().num_elements() * 4)
+    }
+}
+
+pub(crate) struct LayerNorm {
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(LayerNorm {
+            gamma: ckpt.tensor(&format!("{prefix}.weight"), [dim], device)?,
+            beta: ckpt.tensor(&format!("{prefix}.bias"), [dim], device)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises the last dimension.
+    pub(crate) fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        layer_norm(x, self.gamma.clone(), self.beta.clone(), self.eps)
+    }
+
+    /// Normalises the channels of an NCHW map (SAM's `LayerNorm2d`).
+    pub(crate) fn forward_channels(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
+    }
+}

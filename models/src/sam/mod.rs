@@ -1,0 +1,257 @@
+//! Segment Anything (Kirillov et al., 2023) loading the official checkpoints as published:
+//! `sam_vit_b_01ec64.pth` (and ViT-L/H), or a safetensors file with the same keys. The image
+//! encoder runs once per image; prompts (points, a box, a low-resolution mask) are decoded
+//! against the cached embedding, as `SamPredictor` does.
+//!
+//! - [`image_encoder`]: the ViT encoder with windowed/global attention and relative positions;
+//! - [`prompt_encoder`]: points, boxes and mask inputs to sparse and dense embeddings;
+//! - [`mask_decoder`]: the two-way transformer, upscaling, three multimask outputs + IoU head;
+//! - [`preprocess`]: longest side to 1024 (Pillow bilinear, as torchvision), mean/std, padding,
+//!   and the bilinear post-processing back to the original size.
+
+pub mod image_encoder;
+pub mod mask_decoder;
+pub mod preprocess;
+pub mod prompt_encoder;
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use image::RgbImage;
+
+use crate::checkpoint::{Checkpoint, ModelError};
+pub use crate::layers::Quantization;
+use image_encoder::{ImageEncoderVit, VitConfig};
+use mask_decoder::{MaskDecoder, MaskDecoderConfig};
+use prompt_encoder::PromptEncoder;
+pub use prompt_encoder::{Point, PointLabel};
+
+/// `_build_sam`'s arguments: the encoder's, and the fixed prompt/decoder sizes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamConfig {
+    pub encoder: VitConfig,
+    pub prompt_embed_dim: usize,
+    pub mask_in_chans: usize,
+    pub decoder: MaskDecoderConfig,
+}
+
+impl SamConfig {
+    pub fn vit_b() -> Self {
+        Self::with_encoder(VitConfig::vit_b())
+    }
+
+    fn with_encoder(encoder: VitConfig) -> Self {
+        SamConfig {
+            encoder,
+            prompt_embed_dim: 256,
+            mask_in_chans: 16,
+            decoder: MaskDecoderConfig::default(),
+        }
+    }
+
+    /// The configuration of the checkpoint at hand (SAM checkpoints carry no config file; the
+    /// shapes say which model it is).
+    pub fn infer(ckpt: &Checkpoint) -> Result<Self, ModelError> {
+        if ckpt.contains("image_encoder.patch_embed.seq.0.c.weight") {
+            return Err(ModelError::at(
+                ckpt.path(),
+                "this is a MobileSAM (TinyViT) checkpoint; its encoder is not supported yet, only SAM's ViT",
+            ));
+        }
+        if !ckpt.contains("image_encoder.patch_embed.proj.weight") {
+            return Err(ModelError::at(
+                ckpt.path(),
+                "not a Segment Anything checkpoint (no image_encoder.patch_embed.proj.weight)",
+            ));
+        }
+        let mut config = Self::with_encoder(VitConfig::infer(ckpt)?);
+        let depth = (0..)
+            .take_while(|i| ckpt.contains(&format!("mask_decoder.transformer.layers.{i}.norm1.weight")))
+            .count();
+        config.decoder.depth = depth;
+        Ok(config)
+    }
+}
+
+/// An image as the decoder sees it: its embedding and the sizes needed to map prompts in and
+/// masks out.
+pub struct ImageEmbedding {
+    /// `[1, g², 256]`, token-major.
+    pub embedding: Tensor<3>,
+    /// `(height, width)` of the image given.
+    pub original_size: (usize, usize),
+    /// `(height, width)` after resizing the longest side to the encoder's input size.
+    pub input_size: (usize, usize),
+}
+
+/// A prompt in original-image pixel coordinates.
+#[derive(Clone, Debug, Default)]
+pub struct Prompt {
+    pub points: Vec<Point>,
+    /// `[x0, y0, x1, y1]`.
+    pub bbox: Option<[f32; 4]>,
+    /// Low-resolution mask logits `[256 × 256]` (a previous prediction's), row-major.
+    pub mask: Option<Vec<f32>>,
+}
+
+pub struct Prediction {
+    /// Mask logits at the original image size, one `height × width` plane per mask.
+    pub masks: Vec<Vec<f32>>,
+    /// The decoder's own estimate of each mask's IoU.
+    pub iou: Vec<f32>,
+    /// `[n, 256, 256]` logits, for feeding back as a mask prompt.
+    pub low_res: Vec<Vec<f32>>,
+    pub size: (usize, usize),
+}
+
+pub struct Sam {
+    pub config: SamConfig,
+    pub image_encoder: ImageEncoderVit,
+    pub prompt_encoder: PromptEncoder,
+    pub mask_decoder: MaskDecoder,
+    device: Device,
+}
+
+impl Sam {
+    /// Loads a SAM checkpoint (`.pth` as published, or safetensors with the same keys).
+    pub fn load(path: &Path, quant: Quantization, device: &Device) -> Result<Self, ModelError> {
+        let ckpt = Checkpoint::open(path)?;
+        let config = SamConfig::infer(&ckpt)?;
+        Self::from_checkpoint(config, &ckpt, quant, device)
+    }
+
+    pub fn from_checkpoint(
+        config: SamConfig,
+        ckpt: &Checkpoint,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let e = &config.encoder;
+        let grid = e.img_size / e.patch_size;
+        Ok(Sam {
+            image_encoder: ImageEncoderVit::load(ckpt, config.encoder.clone(), quant, device)?,
+            prompt_encoder: PromptEncoder::load(
+                ckpt,
+                config.prompt_embed_dim,
+                grid,
+                e.img_size,
+                config.mask_in_chans,
+                device,
+            )?,
+            mask_decoder: MaskDecoder::load(ckpt, config.decoder.clone(), quant, device)?,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    fn grid(&self) -> usize {
+        self.config.encoder.img_size / self.config.encoder.patch_size
+    }
+
+    /// Runs the image encoder (`SamPredictor.set_image`).
+    pub fn embed_image(&self, image: &RgbImage) -> Result<ImageEmbedding, ModelError> {
+        let size = self.config.encoder.img_size;
+        let input = preprocess::prepare(image, size)?;
+        let pixels = Tensor::from_data(TensorData::new(input.pixels, [1, 3, size, size]), &self.device);
+        Ok(self.embed_pixels(pixels, input.original_size, input.input_size))
+    }
+
+    /// The encoder on already preprocessed pixels `[1, 3, S, S]`.
+    pub fn embed_pixels(
+        &self,
+        pixels: Tensor<4>,
+        original_size: (usize, usize),
+        input_size: (usize, usize),
+    ) -> ImageEmbedding {
+        let features = self.image_encoder.forward(pixels);
+        let [_, c, g, _] = features.dims();
+        ImageEmbedding {
+            embedding: features.reshape([1, c, g * g]).swap_dims(1, 2),
+            original_size,
+            input_size,
+        }
+    }
+
+    /// Decodes one prompt (`SamPredictor.predict` with `return_logits=True`): with `multimask`
+    /// the three disambiguating masks, otherwise the single-mask output.
+    pub fn predict(&self, image: &ImageEmbedding, prompt: &Prompt, multimask: bool) -> Result<Prediction, ModelError> {
+        let (oh, ow) = image.original_size;
+        let (ih, iw) = image.input_size;
+        let (sx, sy) = (iw as f32 / ow as f32, ih as f32 / oh as f32);
+        let points: Vec<Point> = prompt
+            .points
+            .iter()
+            .map(|p| Point {
+                x: p.x * sx,
+                y: p.y * sy,
+                label: p.label,
+            })
+            .collect();
+        let bbox = prompt.bbox.map(|[x0, y0, x1, y1]| [x0 * sx, y0 * sy, x1 * sx, y1 * sy]);
+        if points.is_empty() && bbox.is_none() && prompt.mask.is_none() {
+            return Err(ModelError("a SAM prompt needs points, a box or a mask".into()));
+        }
+        let side = self.prompt_encoder.mask_input_size();
+        let mask = match &prompt.mask {
+            Some(m) if m.len() != side * side => {
+                return Err(ModelError(format!(
+                    "mask prompt has {} values, the model takes {side}×{side}",
+                    m.len()
+                )));
+            }
+            Some(m) => Some(Tensor::from_data(
+                TensorData::new(m.clone(), [1, 1, side, side]),
+                &self.device,
+            )),
+            None => None,
+        };
+        let sparse = self.prompt_encoder.sparse(&points, bbox, &self.device);
+        let dense = self.prompt_encoder.dense(mask);
+        let (logits, iou) = self.mask_decoder.forward(
+            image.embedding.clone(),
+            self.prompt_encoder.dense_pe.clone(),
+            sparse,
+            dense,
+            self.grid(),
+        );
+        let n = self.config.decoder.num_multimask_outputs + 1;
+        let low = to_vec(logits);
+        let iou = to_vec(iou);
+        let chosen: Vec<usize> = if multimask { (1..n).collect() } else { vec![0] };
+        let plane = side * side;
+        let low_res: Vec<Vec<f32>> = chosen
+            .iter()
+            .map(|&i| low[i * plane..(i + 1) * plane].to_vec())
+            .collect();
+        let masks = low_res
+            .iter()
+            .map(|m| {
+                preprocess::postprocess(
+                    m,
+                    side,
+                    self.config.encoder.img_size,
+                    image.input_size,
+                    image.original_size,
+                )
+            })
+            .collect();
+        Ok(Prediction {
+            masks,
+            iou: chosen.iter().map(|&i| iou[i]).collect(),
+            low_res,
+            size: image.original_size,
+        })
+    }
+
+    /// Bytes held by the layers quantization applies to (encoder and decoder).
+    pub fn linear_bytes(&self) -> usize {
+        self.image_encoder.linear_bytes() + self.mask_decoder.linear_bytes()
+    }
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_else(|e| panic!("reading SAM output: {e:?}"))
+}
