@@ -67,8 +67,13 @@ impl Checkpoint {
 
     fn open_safetensors(path: &Path) -> Result<Self, ModelError> {
         let bytes = std::fs::read(path).map_err(|e| ModelError::at(path, e))?;
-        let (header, metadata) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| ModelError::at(path, format!("not a valid safetensors file ({e:?})")))?;
+        let (header, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => ModelError::at(
+                path,
+                "the file is shorter than its safetensors header says (truncated?)",
+            ),
+            e => ModelError::at(path, format!("not a valid safetensors file ({e:?})")),
+        })?;
         let data_start = 8 + header;
         let mut entries = HashMap::new();
         for (name, info) in metadata.tensors() {

@@ -280,16 +280,10 @@ impl Encoder {
         layer.out_proj.forward(o.swap_dims(1, 2).reshape([b, s, d]))
     }
 
-    fn bytes(&self) -> usize {
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.layers
             .iter()
-            .map(|l| {
-                [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2]
-                    .iter()
-                    .map(|x| x.bytes())
-                    .sum::<usize>()
-            })
-            .sum()
+            .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2])
     }
 }
 
@@ -527,12 +521,16 @@ impl Clip {
         Ok(Clip { config, text, vision })
     }
 
-    /// Bytes held by the linear layers (what quantization shrinks).
-    pub fn linear_bytes(&self) -> usize {
-        self.text.encoder.bytes()
-            + self.text.projection.bytes()
-            + self.vision.encoder.bytes()
-            + self.vision.projection.bytes()
+    /// Bytes held by the linear layers (what quantization shrinks): `(now, in f32)`, i.e. after
+    /// and before quantization.
+    pub fn linear_bytes(&self) -> (usize, usize) {
+        let all = self
+            .text
+            .encoder
+            .linears()
+            .chain(self.vision.encoder.linears())
+            .chain([&self.text.projection, &self.vision.projection]);
+        all.fold((0, 0), |(now, f32), l| (now + l.bytes(), f32 + l.f32_bytes()))
     }
 }
 

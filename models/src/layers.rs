@@ -102,6 +102,15 @@ impl Linear {
         }
     }
 
+    /// Bytes the layer would hold in f32: the size before quantization.
+    pub(crate) fn f32_bytes(&self) -> usize {
+        let (out, inp) = match &self.weight {
+            Weight::Dense(w) => (w.dims()[1], w.dims()[2]),
+            Weight::Quantized(q) => (q.out_features, q.in_features),
+        };
+        (out * inp + self.bias.as_ref().map_or(0, |_| out)) * 4
+    }
+
     /// Bytes the layer holds on the device.
     pub(crate) fn bytes(&self) -> usize {
         let weight = match &self.weight {

@@ -72,7 +72,7 @@ fn clip_matches_transformers_in_f32_and_stays_close_quantized() {
             (Quantization::Int4, Some(0.99)),
         ] {
             let clip = Clip::load(dir.path(), quant, device).unwrap();
-            sizes.push(clip.linear_bytes());
+            sizes.push(clip.linear_bytes().0);
             let images = clip
                 .vision
                 .forward(Tensor::from_data(

@@ -105,7 +105,7 @@ fn sam_matches_segment_anything_in_f32_and_stays_close_quantized() {
         let formats = if label == first { &formats[..] } else { &formats[..1] };
         for &(quant, min_cosine) in formats {
             let sam = Sam::load(&dir.path().join("sam.safetensors"), quant, device).unwrap();
-            sizes.push(sam.linear_bytes());
+            sizes.push(sam.linear_bytes().0);
             let embedded = sam.embed_image(&image).unwrap();
             assert_eq!(
                 [embedded.input_size.0, embedded.input_size.1],
@@ -207,4 +207,80 @@ fn pth_checkpoints_read_like_safetensors() {
         let err = ckpt.values("steps", &[1]).unwrap_err().to_string();
         assert!(err.contains("steps") && err.contains("I64"), "{err}");
     }
+}
+
+#[test]
+fn a_broken_sam_checkpoint_names_the_file_the_key_and_the_shapes() {
+    let device = &divergen_kernels::testing::devices()[0].device;
+    let reference = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sam.safetensors");
+    let load_error = |keys: &serde_json::Map<String, serde_json::Value>| {
+        recipe::write_checkpoint(&path, keys).unwrap();
+        Sam::load(&path, Quantization::None, device).err().unwrap().to_string()
+    };
+    let keys = reference["keys"].as_object().unwrap();
+
+    let mut missing = keys.clone();
+    missing.remove("mask_decoder.iou_token.weight");
+    let err = load_error(&missing);
+    assert!(
+        err.contains("sam.safetensors")
+            && err.contains("missing tensor mask_decoder.iou_token.weight (expected shape [1, 256])"),
+        "{err}"
+    );
+
+    let mut reshaped = keys.clone();
+    reshaped.insert(
+        "image_encoder.blocks.1.mlp.lin2.weight".into(),
+        serde_json::json!([768, 3000]),
+    );
+    let err = load_error(&reshaped);
+    assert!(
+        err.contains("image_encoder.blocks.1.mlp.lin2.weight has shape [768, 3000], expected [768, 3072]"),
+        "{err}"
+    );
+
+    // An integer tensor where a float one belongs.
+    recipe::write_checkpoint(&path, keys).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = ckpt
+        .keys()
+        .into_iter()
+        .map(|(k, shape)| {
+            let values = ckpt.values(&k, &shape).unwrap();
+            let bytes = if k == "prompt_encoder.no_mask_embed.weight" {
+                values.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect()
+            } else {
+                values.iter().flat_map(|v| v.to_le_bytes()).collect()
+            };
+            (k, shape, bytes)
+        })
+        .collect();
+    drop(ckpt);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter_mut()
+        .map(|(k, shape, bytes)| {
+            let dtype = if k == "prompt_encoder.no_mask_embed.weight" {
+                safetensors::Dtype::I32
+            } else {
+                safetensors::Dtype::F32
+            };
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let err = Sam::load(&path, Quantization::None, device).err().unwrap().to_string();
+    assert!(
+        err.contains("no_mask_embed.weight is I32; expected a float tensor"),
+        "{err}"
+    );
+
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let err = Sam::load(&path, Quantization::None, device).err().unwrap().to_string();
+    assert!(err.contains("sam.safetensors") && err.contains("truncated"), "{err}");
 }

@@ -16,6 +16,26 @@ pub enum QuantArg {
     Int4,
 }
 
+impl From<QuantArg> for Quantization {
+    fn from(q: QuantArg) -> Self {
+        match q {
+            QuantArg::None => Quantization::None,
+            QuantArg::Int8 => Quantization::Int8,
+            QuantArg::Int4 => Quantization::Int4,
+        }
+    }
+}
+
+/// "12.3 MiB → 3.4 MiB (int8)": the linear layers' size before and after quantization.
+pub fn size_line((now, f32): (usize, usize), quant: Quantization) -> String {
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    format!(
+        "linear layers {:.1} MiB in f32 → {:.1} MiB ({quant:?})",
+        mib(f32),
+        mib(now)
+    )
+}
+
 #[derive(Args, Debug)]
 pub struct EmbedArgs {
     /// A Hugging Face CLIPModel folder: config.json, model.safetensors, vocab.json + merges.txt
@@ -50,11 +70,7 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
     if args.image.is_empty() && args.text.is_empty() {
         return Err("nothing to embed: give --image and/or --text".into());
     }
-    let quant = match args.quant {
-        QuantArg::None => Quantization::None,
-        QuantArg::Int8 => Quantization::Int8,
-        QuantArg::Int4 => Quantization::Int4,
-    };
+    let quant = Quantization::from(args.quant);
     // Decode every input before the (slow) model load, so a bad file fails fast.
     let mut pixels = Vec::new();
     for path in &args.image {
@@ -67,11 +83,10 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
     let device = open(request).map_err(|e| e.to_string())?;
     let clip = Clip::load(&args.clip, quant, &device.device).map_err(|e| e.to_string())?;
     log::info!(
-        "CLIP from {} on {}: linear layers {:.1} MiB ({:?})",
+        "CLIP from {} on {}: {}",
         args.clip.display(),
         device.describe(),
-        clip.linear_bytes() as f64 / (1 << 20) as f64,
-        quant
+        size_line(clip.linear_bytes(), quant)
     );
     let images = if args.image.is_empty() {
         Vec::new()

@@ -3,6 +3,7 @@
 mod bench;
 mod devices;
 mod embed;
+mod segment;
 
 use std::process::ExitCode;
 
@@ -60,6 +61,8 @@ enum Command {
     },
     /// L2-normalised CLIP embeddings of images and texts.
     Embed(embed::EmbedArgs),
+    /// SAM masks for point and box prompts on one image.
+    Segment(segment::SegmentArgs),
     /// The sample stream to a host.
     Stream {
         #[command(subcommand)]
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
             what: BenchCommand::Kernels(args),
         } => bench::run_kernels(&request, &args),
         Command::Embed(args) => embed::run(&request, &args),
+        Command::Segment(args) => segment::run(&request, &args),
         Command::Stream {
             what: StreamCommand::Bench(args),
         } => divergen_runtime::stream::bench::run(&args),

@@ -203,3 +203,112 @@ fn embed_names_a_missing_model_folder_and_a_corrupt_image() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("broken.png"));
 }
+
+fn sam_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/sam/vit-b-2layer")
+}
+
+/// The SAM parity fixture's checkpoint (recipe weights, official keys) as a safetensors file.
+fn sam_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sam_fixture().join("reference.json")).unwrap()).unwrap();
+    let path = dir.join("sam.safetensors");
+    divergen_models::recipe::write_checkpoint(&path, reference["keys"].as_object().unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn segment_writes_the_three_background_masks_segment_anything_predicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = sam_checkpoint(dir.path());
+    let image = sam_fixture().join("image.png");
+    let out_png = dir.path().join("mask.png");
+    // DiverGen's SAM-background prompt on the 480×320 fixture image: the four corners.
+    let out = divergen(&[
+        "segment",
+        "--sam",
+        ckpt.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--point",
+        "0,0,1",
+        "479,0,1",
+        "0,319,1",
+        "479,319,1",
+        "--multimask",
+        "--out",
+        out_png.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sam_fixture().join("reference.json")).unwrap()).unwrap();
+    let corners = &reference["cases"][0];
+    assert_eq!(corners["name"], "corners");
+    let logits: Vec<f32> = std::fs::read(sam_fixture().join("corners.masks.f32"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let plane = 480 * 320;
+    for i in 0..3 {
+        let mask = &got["masks"][i];
+        let want_iou = corners["iou"][i].as_f64().unwrap();
+        assert!(
+            (mask["iou"].as_f64().unwrap() - want_iou).abs() < 1e-5,
+            "{mask} vs {want_iou}"
+        );
+        let png = image::open(dir.path().join(format!("mask-{i}.png")))
+            .unwrap()
+            .into_luma8();
+        assert_eq!(png.dimensions(), (480, 320));
+        // Pixels agree with the reference's logits > 0, except where a logit is within rounding
+        // of the threshold.
+        let want = &logits[i * plane..(i + 1) * plane];
+        let differing = png
+            .as_raw()
+            .iter()
+            .zip(want)
+            .filter(|(p, l)| (**p == 255) != (**l > 0.0) && l.abs() > 1e-4)
+            .count();
+        assert_eq!(differing, 0, "mask {i}");
+        let area = png.as_raw().iter().filter(|&&p| p == 255).count() as u64;
+        assert_eq!(mask["area"].as_u64().unwrap(), area);
+    }
+    assert!(
+        !out_png.exists(),
+        "with --multimask only the numbered files are written"
+    );
+}
+
+#[test]
+fn segment_rejects_bad_prompts_and_broken_checkpoints_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = sam_fixture().join("image.png");
+    let out_png = dir.path().join("mask.png");
+    let run = |sam: &str, extra: &[&str]| {
+        let mut args = vec!["segment", "--sam", sam, "--image", image.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", out_png.to_str().unwrap()]);
+        divergen(&args)
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let out = run("/nonexistent/sam.pth", &["--point", "1,2,7"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("label must be 1"), "{}", stderr(&out));
+    let out = run("/nonexistent/sam.pth", &["--box", "10,10,5,20"]);
+    assert!(stderr(&out).contains("X0 < X1"), "{}", stderr(&out));
+    let out = run("/nonexistent/sam.pth", &["--point", "1,2,1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/sam.pth"), "{}", stderr(&out));
+    // A checkpoint cut short: the error names the file.
+    let ckpt = sam_checkpoint(dir.path());
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(cut.to_str().unwrap(), &["--point", "1,2,1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cut.safetensors"), "{}", stderr(&out));
+    assert!(!out_png.exists(), "nothing written on failure");
+}

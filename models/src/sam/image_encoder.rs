@@ -312,13 +312,12 @@ impl ImageEncoderVit {
         block.proj.forward(o.swap_dims(1, 2).reshape([n, s, d]))
     }
 
-    /// Bytes held by the layers quantization applies to.
-    pub fn linear_bytes(&self) -> usize {
-        self.blocks
-            .iter()
-            .map(|b| b.qkv.bytes() + b.proj.bytes() + b.lin1.bytes() + b.lin2.bytes())
-            .sum::<usize>()
-            + self.neck_conv1.bytes()
-            + self.patch_embed.bytes()
+    /// The linear layers, for size accounting.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        let mut all = vec![&self.patch_embed, &self.neck_conv1];
+        for b in &self.blocks {
+            all.extend([&b.qkv, &b.proj, &b.lin1, &b.lin2]);
+        }
+        all
     }
 }

@@ -78,11 +78,8 @@ impl Attention {
         self.out_proj.forward(o.swap_dims(1, 2).reshape([b, sq, inner]))
     }
 
-    fn bytes(&self) -> usize {
+    fn linears(&self) -> [&Linear; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
-            .iter()
-            .map(|l| l.bytes())
-            .sum()
     }
 }
 
@@ -134,10 +131,6 @@ impl Mlp {
             }
         }
         x
-    }
-
-    fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.bytes()).sum()
     }
 }
 
@@ -359,21 +352,20 @@ impl MaskDecoder {
         (queries, keys)
     }
 
-    pub fn linear_bytes(&self) -> usize {
-        self.blocks
-            .iter()
-            .map(|b| {
-                b.self_attn.bytes()
-                    + b.cross_token_to_image.bytes()
-                    + b.cross_image_to_token.bytes()
-                    + b.lin1.bytes()
-                    + b.lin2.bytes()
-            })
-            .sum::<usize>()
-            + self.final_attn.bytes()
-            + self.upscale1.bytes()
-            + self.upscale2.bytes()
-            + self.hypernetworks.iter().map(|m| m.bytes()).sum::<usize>()
-            + self.iou_head.bytes()
+    /// The linear layers, for size accounting.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        let mut all = Vec::new();
+        for b in &self.blocks {
+            all.extend(b.self_attn.linears());
+            all.extend(b.cross_token_to_image.linears());
+            all.extend(b.cross_image_to_token.linears());
+            all.extend([&b.lin1, &b.lin2]);
+        }
+        all.extend(self.final_attn.linears());
+        all.extend([&self.upscale1, &self.upscale2]);
+        for mlp in self.hypernetworks.iter().chain([&self.iou_head]) {
+            all.extend(mlp.layers.iter());
+        }
+        all
     }
 }

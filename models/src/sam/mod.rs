@@ -243,9 +243,15 @@ impl Sam {
         })
     }
 
-    /// Bytes held by the layers quantization applies to (encoder and decoder).
-    pub fn linear_bytes(&self) -> usize {
-        self.image_encoder.linear_bytes() + self.mask_decoder.linear_bytes()
+    /// Bytes held by the linear layers (encoder and decoder): `(now, in f32)`, i.e. after and
+    /// before quantization.
+    pub fn linear_bytes(&self) -> (usize, usize) {
+        let all = self
+            .image_encoder
+            .linears()
+            .into_iter()
+            .chain(self.mask_decoder.linears());
+        all.fold((0, 0), |(now, f32), l| (now + l.bytes(), f32 + l.f32_bytes()))
     }
 }
 
