@@ -22,7 +22,7 @@ mod tuning;
 
 pub use activation::Activation;
 pub use ops::{
-    DivergenKernels, QuantizedWeight, activation, attention, attention_rel_pos, conv2d, gelu, gemm, gemm_bt,
-    group_norm, layer_norm, qgemm, silu, softmax, upsample_nearest2x,
+    DivergenKernels, QuantizedWeight, activation, attention, attention_rel_pos, conv2d, depthwise_conv2d, gelu, gemm,
+    gemm_bt, group_norm, layer_norm, qgemm, silu, softmax, upsample_nearest2x,
 };
 pub use qgemm::QuantFormat;

@@ -84,6 +84,15 @@ pub trait DivergenKernels: Backend {
         padding: usize,
     ) -> FloatTensor<Self>;
 
+    #[fusion(dtype = x, shape = crate::conv::depthwise_out_shape(x, weight, stride, padding))]
+    fn depthwise_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
     #[fusion(dtype = x, shape = crate::conv::upsample_shape(x))]
     fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
@@ -154,6 +163,15 @@ impl DivergenKernels for CubeBackend {
         padding: usize,
     ) -> FloatTensor<Self> {
         crate::conv::launch_conv2d(x, weight, bias, stride, padding)
+    }
+    fn depthwise_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        crate::conv::launch_depthwise(x, weight, bias, stride, padding)
     }
     fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::conv::launch_upsample(x)
@@ -363,6 +381,23 @@ impl DivergenKernels for Flex {
             &device,
         )
     }
+    fn depthwise_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let device = x.device();
+        let ((xv, xd, dtype), (wv, wd, _)) = (read_float(x), read_float(weight));
+        let s = crate::conv::depthwise_shape(&xd, &wd, stride, padding);
+        write_float(
+            crate::conv::reference_depthwise(&xv, &wv, &read_float(bias).0, &s),
+            s.out_dims().to_vec(),
+            dtype,
+            &device,
+        )
+    }
     fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let device = x.device();
         let (xv, xd, dtype) = read_float(x);
@@ -558,6 +593,17 @@ pub fn gelu<const D: usize>(x: Tensor<D>, tanh_approximation: bool) -> Tensor<D>
 /// 2-D convolution, NCHW, weight `[Co, Ci, KH, KW]`, bias `[Co]`.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, stride: usize, padding: usize) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as DivergenKernels>::conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        stride,
+        padding,
+    ))
+}
+
+/// Depthwise 2-D convolution (`groups = C`), NCHW, weight `[C, 1, KH, KW]`, bias `[C]`.
+pub fn depthwise_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, stride: usize, padding: usize) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as DivergenKernels>::depthwise_conv2d(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),

@@ -1,5 +1,6 @@
-//! 2-D convolution as implicit GEMM (3×3 and 1×1, stride 1 or 2, any padding) and nearest 2×
-//! upsampling: the UNet's and VAE's hot paths. NCHW layout, weights `[Co, Ci, KH, KW]`.
+//! 2-D convolution as implicit GEMM (3×3 and 1×1, stride 1 or 2, any padding), depthwise
+//! convolution (TinyViT's), and nearest 2× upsampling: the UNet's, VAE's and MobileSAM's hot
+//! paths. NCHW layout, weights `[Co, Ci, KH, KW]` (`[C, 1, KH, KW]` depthwise).
 
 use burn::backend::wgpu::{CubeTensor, into_contiguous};
 use burn::tensor::{DType, Shape};
@@ -10,6 +11,7 @@ use crate::tuning::Tile;
 
 const CONV: &str = include_str!("conv2d.wgsl");
 const UPSAMPLE: &str = include_str!("upsample.wgsl");
+const DEPTHWISE: &str = include_str!("depthwise.wgsl");
 
 /// Convolution geometry for an input `[N, Ci, H, W]` and weight `[Co, Ci, KH, KW]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +64,21 @@ impl ConvShape {
     pub fn out_dims(&self) -> [usize; 4] {
         [self.n, self.co, self.oh, self.ow]
     }
+}
+
+/// Depthwise geometry: the weight `[C, 1, KH, KW]` read as `[Co = C, Ci = C]` for output sizes.
+pub fn depthwise_shape(x: &[usize], weight: &[usize], stride: usize, pad: usize) -> ConvShape {
+    assert!(
+        weight.len() == 4 && weight[1] == 1 && x.len() == 4 && x[1] == weight[0],
+        "depthwise conv2d: input {x:?} needs a weight [{}, 1, KH, KW], got {weight:?}",
+        x.get(1).copied().unwrap_or(0)
+    );
+    ConvShape::of(x, &[weight[0], weight[0], weight[2], weight[3]], stride, pad)
+}
+
+pub fn depthwise_out_shape(x: &Shape, weight: &Shape, stride: &usize, padding: &usize) -> Shape {
+    let (x, w): (Vec<usize>, Vec<usize>) = (x.iter().copied().collect(), weight.iter().copied().collect());
+    Shape::from(depthwise_shape(&x, &w, *stride, *padding).out_dims().to_vec())
 }
 
 pub fn out_shape(x: &Shape, weight: &Shape, stride: &usize, padding: &usize) -> Shape {
@@ -219,6 +236,57 @@ pub(crate) fn launch_conv2d(
     out
 }
 
+pub(crate) fn launch_depthwise(
+    x: CubeTensor,
+    weight: CubeTensor,
+    bias: CubeTensor,
+    stride: usize,
+    pad: usize,
+) -> CubeTensor {
+    for t in [&x, &weight, &bias] {
+        assert_eq!(t.dtype, DType::F32, "depthwise conv2d: f32 only, got {:?}", t.dtype);
+    }
+    let (x, weight, bias) = (into_contiguous(x), into_contiguous(weight), into_contiguous(bias));
+    let s = depthwise_shape(&dims(&x), &dims(&weight), stride, pad);
+    assert_eq!(
+        dims(&bias).iter().product::<usize>(),
+        s.co,
+        "depthwise conv2d: bias must have {} values",
+        s.co
+    );
+    let out = empty_like_device(&x, Shape::from(s.out_dims().to_vec()), DType::F32);
+    let len = s.n * s.co * s.oh * s.ow;
+    if len == 0 {
+        return out;
+    }
+    let u = |v: usize, what| as_u32(v, what);
+    let p = params(
+        &x.client,
+        &[
+            u(s.n * s.ci, "N·C"),
+            u(s.ci, "C"),
+            u(s.h, "H"),
+            u(s.w, "W"),
+            u(s.oh, "OH"),
+            u(s.ow, "OW"),
+            u(s.kh, "KH"),
+            u(s.kw, "KW"),
+            u(stride, "stride"),
+            u(pad, "pad"),
+            0,
+            0,
+        ],
+    );
+    let (gx, gy) = fold_groups(u(len.div_ceil(256), "groups"));
+    WgslKernel::new("depthwise_conv2d", DEPTHWISE).launch(
+        &x.client,
+        (256, 1, 1),
+        (gx, gy, 1),
+        vec![binding(&x), binding(&weight), binding(&bias), binding(&out), p],
+    );
+    out
+}
+
 pub(crate) fn launch_upsample(x: CubeTensor) -> CubeTensor {
     assert_eq!(x.dtype, DType::F32, "upsample: f32 only, got {:?}", x.dtype);
     let x = into_contiguous(x);
@@ -267,6 +335,33 @@ pub fn reference_conv2d(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) 
                         }
                     }
                     out[((n * s.co + co) * s.oh + oy) * s.ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// CPU reference: depthwise convolution (`groups = C`), f64 accumulation. `s` from
+/// [`depthwise_shape`].
+pub fn reference_depthwise(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
+    let mut out = vec![0f32; s.n * s.co * s.oh * s.ow];
+    for n in 0..s.n {
+        for c in 0..s.co {
+            for oy in 0..s.oh {
+                for ox in 0..s.ow {
+                    let mut acc = bias[c] as f64;
+                    for ky in 0..s.kh {
+                        for kx in 0..s.kw {
+                            let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                            let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
+                                let xv = x[((n * s.ci + c) * s.h + iy as usize) * s.w + ix as usize];
+                                acc += xv as f64 * weight[(c * s.kh + ky) * s.kw + kx] as f64;
+                            }
+                        }
+                    }
+                    out[((n * s.co + c) * s.oh + oy) * s.ow + ox] = acc as f32;
                 }
             }
         }
@@ -333,6 +428,38 @@ mod tests {
         check([2, 16, 6, 5], 9, 1, 1, 0, 93);
         check([1, 4, 7, 7], 3, 1, 2, 0, 94);
         check([1, 4, 5, 6], 6, 1, 1, 1, 95); // padding 1 on a 1×1 kernel: a zero border
+    }
+
+    fn check_depthwise(xd: [usize; 4], k: usize, stride: usize, pad: usize, seed: u64) {
+        let wd = [xd[1], 1, k, k];
+        let s = depthwise_shape(&xd, &wd, stride, pad);
+        let x = random_vec(xd.iter().product(), seed, 1.0);
+        let w = random_vec(wd.iter().product(), seed + 1, 0.5);
+        let b = random_vec(xd[1], seed + 2, 1.0);
+        let want = reference_depthwise(&x, &w, &b, &s);
+        for_each_device(|dev, label| {
+            let got = crate::depthwise_conv2d(
+                upload(&x, &xd, dev),
+                upload(&w, &wd, dev),
+                upload(&b, &[xd[1]], dev),
+                stride,
+                pad,
+            );
+            assert_eq!(got.dims(), s.out_dims());
+            assert_close(
+                &to_vec(got),
+                &want,
+                1e-5,
+                &format!("{label} depthwise {xd:?} k{k} s{stride} p{pad}"),
+            );
+        });
+    }
+
+    #[test]
+    fn depthwise_3x3_as_in_tinyvit() {
+        check_depthwise([2, 12, 9, 11], 3, 1, 1, 97); // MBConv / local conv
+        check_depthwise([1, 10, 16, 15], 3, 2, 1, 98); // patch merging, stride 2
+        check_depthwise([1, 3, 5, 5], 5, 1, 0, 99);
     }
 
     #[test]
