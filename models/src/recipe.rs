@@ -29,6 +29,9 @@ pub fn tensor(name: &str, shape: &[usize]) -> Vec<f32> {
     let count = shape.iter().product::<usize>().max(1);
     let (scale, offset) = if name.contains("norm") && name.ends_with(".weight") {
         (0.1, 1.0)
+    } else if name.ends_with(".bn.weight") || name.ends_with("running_var") {
+        // Batch norm: scales near 1 and positive running variances.
+        (0.1, 1.0)
     } else if name.ends_with(".bias") || name.contains("embedding") || name.ends_with("logit_scale") {
         (0.02, 0.0)
     } else {

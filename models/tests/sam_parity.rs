@@ -1,7 +1,8 @@
-//! SAM against segment-anything's `SamPredictor` on the same weights: ViT-B width, heads, patch
-//! and window sizes, two encoder blocks (one windowed, one global), the full prompt encoder and
-//! mask decoder, weights from the shared recipe (fixture: `models/fixtures/sam/vit-b-2layer`,
-//! made by `models/fixtures/make_sam_fixture.py`).
+//! SAM against segment-anything's (and MobileSAM's) `SamPredictor` on the same weights: ViT-B
+//! width, heads, patch and window sizes with two encoder blocks (one windowed, one global), and
+//! MobileSAM's TinyViT-5M at full depth; the full prompt encoder and mask decoder; weights from
+//! the shared recipe (fixtures: `models/fixtures/sam/{vit-b-2layer,mobile-sam}`, made by
+//! `models/fixtures/make_sam_fixture.py`).
 
 use std::path::{Path, PathBuf};
 
@@ -10,16 +11,19 @@ use divergen_models::checkpoint::Checkpoint;
 use divergen_models::recipe;
 use divergen_models::sam::{Point, PointLabel, Prompt, Quantization, Sam};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sam/vit-b-2layer")
+const VIT_B: &str = "vit-b-2layer";
+const MOBILE_SAM: &str = "mobile-sam";
+
+fn fixture(model: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sam").join(model)
 }
 
-fn reference() -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap()
+fn reference(model: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixture(model).join("reference.json")).unwrap()).unwrap()
 }
 
-fn floats(name: &str) -> Vec<f32> {
-    std::fs::read(fixture().join(name))
+fn floats(model: &str, name: &str) -> Vec<f32> {
+    std::fs::read(fixture(model).join(name))
         .unwrap()
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -86,11 +90,20 @@ fn token_major(v: &[f32], c: usize) -> Vec<f32> {
 }
 
 #[test]
-fn sam_matches_segment_anything_in_f32_and_stays_close_quantized() {
-    let reference = reference();
+fn sam_vit_b_matches_segment_anything_in_f32_and_stays_close_quantized() {
+    check_parity(VIT_B);
+}
+
+#[test]
+fn mobile_sam_matches_mobile_sam_in_f32_and_stays_close_quantized() {
+    check_parity(MOBILE_SAM);
+}
+
+fn check_parity(model: &str) {
+    let reference = reference(model);
     let dir = checkpoint(&reference);
-    let image = image::open(fixture().join("image.png")).unwrap().into_rgb8();
-    let want_embedding = token_major(&floats("embedding.f32"), 256);
+    let image = image::open(fixture(model).join("image.png")).unwrap().into_rgb8();
+    let want_embedding = token_major(&floats(model, "embedding.f32"), 256);
     let cases = reference["cases"].as_array().unwrap();
     let first = divergen_kernels::testing::devices()[0].label.clone();
     for_each_device(|device, label| {
@@ -117,7 +130,7 @@ fn sam_matches_segment_anything_in_f32_and_stays_close_quantized() {
             let embedding = to_vec(embedded.embedding.clone());
             let err = relative_error(&embedding, &want_embedding);
             let cos = cosine(&embedding, &want_embedding);
-            eprintln!("{label} {quant:?}: embedding relative error {err:.2e}, cosine {cos:.6}");
+            eprintln!("{model} {label} {quant:?}: embedding relative error {err:.2e}, cosine {cos:.6}");
             match min_cosine {
                 None => assert!(err <= 1e-4, "{label}: embedding relative error {err:.2e}"),
                 Some(min) => assert!(cos >= min, "{label} {quant:?}: embedding cosine {cos} < {min}"),
@@ -127,7 +140,7 @@ fn sam_matches_segment_anything_in_f32_and_stays_close_quantized() {
                 let name = case["name"].as_str().unwrap();
                 let multimask = case["multimask"].as_bool().unwrap();
                 let got = sam.predict(&embedded, &prompt(case, &low_res), multimask).unwrap();
-                let want_low = floats(&format!("{name}.low.f32"));
+                let want_low = floats(model, &format!("{name}.low.f32"));
                 let got_low: Vec<f32> = got.low_res.concat();
                 let err = relative_error(&got_low, &want_low);
                 let cos = cosine(&got_low, &want_low);
@@ -151,7 +164,7 @@ fn sam_matches_segment_anything_in_f32_and_stays_close_quantized() {
                         assert!(iou_err <= 1e-4, "{label} {name}: IoU {:?} vs {want_iou:?}", got.iou);
                         if case.get("full").is_some() {
                             let full = got.masks.concat();
-                            let err = relative_error(&full, &floats(&format!("{name}.masks.f32")));
+                            let err = relative_error(&full, &floats(model, &format!("{name}.masks.f32")));
                             assert!(
                                 err <= 1e-4,
                                 "{label} {name}: full-size mask logits relative error {err:.2e}"
@@ -212,7 +225,7 @@ fn pth_checkpoints_read_like_safetensors() {
 #[test]
 fn a_broken_sam_checkpoint_names_the_file_the_key_and_the_shapes() {
     let device = &divergen_kernels::testing::devices()[0].device;
-    let reference = reference();
+    let reference = reference(VIT_B);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sam.safetensors");
     let load_error = |keys: &serde_json::Map<String, serde_json::Value>| {

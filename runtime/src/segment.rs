@@ -117,11 +117,9 @@ pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
     let quant = Quantization::from(args.quant);
     let device = open(request).map_err(|e| e.to_string())?;
     let sam = Sam::load(&args.sam, quant, &device.device).map_err(|e| e.to_string())?;
-    let enc = &sam.config.encoder;
     log::info!(
-        "SAM ViT ({} wide, {} blocks) from {} on {}: {}",
-        enc.embed_dim,
-        enc.depth,
+        "SAM {} from {} on {}: {}",
+        sam.config.encoder.describe(),
         args.sam.display(),
         device.describe(),
         size_line(sam.linear_bytes(), quant)

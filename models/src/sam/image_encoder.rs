@@ -136,17 +136,58 @@ struct Block {
     window: usize,
 }
 
+/// SAM's neck, shared by the ViT and TinyViT encoders: 1×1 conv (no bias), LayerNorm2d, 3×3
+/// conv (no bias), LayerNorm2d.
+pub(crate) struct Neck {
+    conv1: Linear,
+    norm1: LayerNorm,
+    conv2: Tensor<4>,
+    conv2_bias: Tensor<1>,
+    norm2: LayerNorm,
+    out_chans: usize,
+}
+
+impl Neck {
+    pub(crate) fn load(
+        ckpt: &Checkpoint,
+        inp: usize,
+        out_chans: usize,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let c = out_chans;
+        let conv1 = ckpt.values("image_encoder.neck.0.weight", &[c, inp, 1, 1])?;
+        Ok(Neck {
+            conv1: Linear::from_values(conv1, None, c, inp, quant.sensitive(), device),
+            norm1: LayerNorm::load(ckpt, "image_encoder.neck.1", c, 1e-6, device)?,
+            conv2: ckpt.tensor("image_encoder.neck.2.weight", [c, c, 3, 3], device)?,
+            conv2_bias: Tensor::zeros([c], device),
+            norm2: LayerNorm::load(ckpt, "image_encoder.neck.3", c, 1e-6, device)?,
+            out_chans,
+        })
+    }
+
+    /// Tokens `[B, g², C]` → `[B, out_chans, g, g]`.
+    pub(crate) fn forward(&self, x: Tensor<3>, g: usize) -> Tensor<4> {
+        let b = x.dims()[0];
+        let x = self.norm1.forward(self.conv1.forward(x));
+        let x = x.reshape([b, g, g, self.out_chans]).permute([0, 3, 1, 2]);
+        let x = conv2d(x, self.conv2.clone(), self.conv2_bias.clone(), 1, 1);
+        self.norm2.forward_channels(x)
+    }
+
+    pub(crate) fn linear(&self) -> &Linear {
+        &self.conv1
+    }
+}
+
 pub struct ImageEncoderVit {
     pub config: VitConfig,
     /// The patch convolution as a GEMM over flattened patches; stays f32 (the first layer).
     patch_embed: Linear,
     pos_embed: Tensor<3>,
     blocks: Vec<Block>,
-    neck_conv1: Linear,
-    neck_norm1: LayerNorm,
-    neck_conv2: Tensor<4>,
-    neck_conv2_bias: Tensor<1>,
-    neck_norm2: LayerNorm,
+    neck: Neck,
 }
 
 /// `table[i - j + size - 1]` for every query/key index pair `(i, j)` along one axis, as
@@ -204,19 +245,13 @@ impl ImageEncoderVit {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
-        let c = config.out_chans;
-        let neck1 = ckpt.values("image_encoder.neck.0.weight", &[c, d, 1, 1])?;
         Ok(ImageEncoderVit {
             patch_embed: Linear::from_values(patch, Some(patch_bias), d, 3 * p * p, Quantization::None, device),
             pos_embed: ckpt
                 .tensor::<4>("image_encoder.pos_embed", [1, grid, grid, d], device)?
                 .reshape([1, grid * grid, d]),
             blocks,
-            neck_conv1: Linear::from_values(neck1, None, c, d, quant.sensitive(), device),
-            neck_norm1: LayerNorm::load(ckpt, "image_encoder.neck.1", c, EPS, device)?,
-            neck_conv2: ckpt.tensor("image_encoder.neck.2.weight", [c, c, 3, 3], device)?,
-            neck_conv2_bias: Tensor::zeros([c], device),
-            neck_norm2: LayerNorm::load(ckpt, "image_encoder.neck.3", c, EPS, device)?,
+            neck: Neck::load(ckpt, d, config.out_chans, quant, device)?,
             config,
         })
     }
@@ -234,11 +269,7 @@ impl ImageEncoderVit {
         for block in &self.blocks {
             x = self.block(block, x, b, g, d);
         }
-        let x = self.neck_norm1.forward(self.neck_conv1.forward(x));
-        let co = self.config.out_chans;
-        let x = x.reshape([b, g, g, co]).permute([0, 3, 1, 2]);
-        let x = conv2d(x, self.neck_conv2.clone(), self.neck_conv2_bias.clone(), 1, 1);
-        self.neck_norm2.forward_channels(x)
+        self.neck.forward(x, g)
     }
 
     fn block(&self, block: &Block, x: Tensor<3>, b: usize, g: usize, d: usize) -> Tensor<3> {
@@ -314,7 +345,7 @@ impl ImageEncoderVit {
 
     /// The linear layers, for size accounting.
     pub(crate) fn linears(&self) -> Vec<&Linear> {
-        let mut all = vec![&self.patch_embed, &self.neck_conv1];
+        let mut all = vec![&self.patch_embed, self.neck.linear()];
         for b in &self.blocks {
             all.extend([&b.qkv, &b.proj, &b.lin1, &b.lin2]);
         }

@@ -4,6 +4,7 @@
 //! against the cached embedding, as `SamPredictor` does.
 //!
 //! - [`image_encoder`]: the ViT encoder with windowed/global attention and relative positions;
+//! - [`tiny_vit`]: MobileSAM's TinyViT-5M encoder (`mobile_sam.pt` loads as published);
 //! - [`prompt_encoder`]: points, boxes and mask inputs to sparse and dense embeddings;
 //! - [`mask_decoder`]: the two-way transformer, upscaling, three multimask outputs + IoU head;
 //! - [`preprocess`]: longest side to 1024 (Pillow bilinear, as torchvision), mean/std, padding,
@@ -13,6 +14,7 @@ pub mod image_encoder;
 pub mod mask_decoder;
 pub mod preprocess;
 pub mod prompt_encoder;
+pub mod tiny_vit;
 
 use std::path::Path;
 
@@ -24,12 +26,63 @@ pub use crate::layers::Quantization;
 use image_encoder::{ImageEncoderVit, VitConfig};
 use mask_decoder::{MaskDecoder, MaskDecoderConfig};
 use prompt_encoder::PromptEncoder;
+use tiny_vit::{TinyVit, TinyVitConfig};
+
+/// Which image encoder a checkpoint holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EncoderConfig {
+    /// SAM's ViT-B/L/H.
+    Vit(VitConfig),
+    /// MobileSAM's TinyViT.
+    TinyVit(TinyVitConfig),
+}
+
+impl EncoderConfig {
+    pub fn img_size(&self) -> usize {
+        match self {
+            EncoderConfig::Vit(c) => c.img_size,
+            EncoderConfig::TinyVit(c) => c.img_size,
+        }
+    }
+
+    /// "ViT (768 wide, 12 blocks)" or "TinyViT (64/128/160/320 wide, 2/2/6/2 blocks)".
+    pub fn describe(&self) -> String {
+        let join = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("/");
+        match self {
+            EncoderConfig::Vit(c) => format!("ViT ({} wide, {} blocks)", c.embed_dim, c.depth),
+            EncoderConfig::TinyVit(c) => {
+                format!("TinyViT ({} wide, {} blocks)", join(&c.embed_dims), join(&c.depths))
+            }
+        }
+    }
+}
+
+pub enum ImageEncoder {
+    Vit(ImageEncoderVit),
+    TinyVit(TinyVit),
+}
+
+impl ImageEncoder {
+    fn forward(&self, pixels: Tensor<4>) -> Tensor<4> {
+        match self {
+            ImageEncoder::Vit(e) => e.forward(pixels),
+            ImageEncoder::TinyVit(e) => e.forward(pixels),
+        }
+    }
+
+    fn linears(&self) -> Vec<&crate::layers::Linear> {
+        match self {
+            ImageEncoder::Vit(e) => e.linears(),
+            ImageEncoder::TinyVit(e) => e.linears(),
+        }
+    }
+}
 pub use prompt_encoder::{Point, PointLabel};
 
 /// `_build_sam`'s arguments: the encoder's, and the fixed prompt/decoder sizes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamConfig {
-    pub encoder: VitConfig,
+    pub encoder: EncoderConfig,
     pub prompt_embed_dim: usize,
     pub mask_in_chans: usize,
     pub decoder: MaskDecoderConfig,
@@ -37,10 +90,14 @@ pub struct SamConfig {
 
 impl SamConfig {
     pub fn vit_b() -> Self {
-        Self::with_encoder(VitConfig::vit_b())
+        Self::with_encoder(EncoderConfig::Vit(VitConfig::vit_b()))
     }
 
-    fn with_encoder(encoder: VitConfig) -> Self {
+    pub fn mobile_sam() -> Self {
+        Self::with_encoder(EncoderConfig::TinyVit(TinyVitConfig::mobile_sam()))
+    }
+
+    fn with_encoder(encoder: EncoderConfig) -> Self {
         SamConfig {
             encoder,
             prompt_embed_dim: 256,
@@ -52,19 +109,18 @@ impl SamConfig {
     /// The configuration of the checkpoint at hand (SAM checkpoints carry no config file; the
     /// shapes say which model it is).
     pub fn infer(ckpt: &Checkpoint) -> Result<Self, ModelError> {
-        if ckpt.contains("image_encoder.patch_embed.seq.0.c.weight") {
+        let encoder = if ckpt.contains("image_encoder.patch_embed.seq.0.c.weight") {
+            EncoderConfig::TinyVit(TinyVitConfig::infer(ckpt)?)
+        } else if ckpt.contains("image_encoder.patch_embed.proj.weight") {
+            EncoderConfig::Vit(VitConfig::infer(ckpt)?)
+        } else {
             return Err(ModelError::at(
                 ckpt.path(),
-                "this is a MobileSAM (TinyViT) checkpoint; its encoder is not supported yet, only SAM's ViT",
+                "not a Segment Anything checkpoint: neither SAM's ViT (image_encoder.patch_embed.proj.weight) \
+                 nor MobileSAM's TinyViT (image_encoder.patch_embed.seq.0.c.weight)",
             ));
-        }
-        if !ckpt.contains("image_encoder.patch_embed.proj.weight") {
-            return Err(ModelError::at(
-                ckpt.path(),
-                "not a Segment Anything checkpoint (no image_encoder.patch_embed.proj.weight)",
-            ));
-        }
-        let mut config = Self::with_encoder(VitConfig::infer(ckpt)?);
+        };
+        let mut config = Self::with_encoder(encoder);
         let depth = (0..)
             .take_while(|i| ckpt.contains(&format!("mask_decoder.transformer.layers.{i}.norm1.weight")))
             .count();
@@ -106,7 +162,7 @@ pub struct Prediction {
 
 pub struct Sam {
     pub config: SamConfig,
-    pub image_encoder: ImageEncoderVit,
+    pub image_encoder: ImageEncoder,
     pub prompt_encoder: PromptEncoder,
     pub mask_decoder: MaskDecoder,
     device: Device,
@@ -126,15 +182,24 @@ impl Sam {
         quant: Quantization,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let e = &config.encoder;
-        let grid = e.img_size / e.patch_size;
+        let (image_encoder, grid) = match &config.encoder {
+            EncoderConfig::Vit(c) => (
+                ImageEncoder::Vit(ImageEncoderVit::load(ckpt, c.clone(), quant, device)?),
+                c.img_size / c.patch_size,
+            ),
+            EncoderConfig::TinyVit(c) => {
+                let e = TinyVit::load(ckpt, c.clone(), quant, device)?;
+                let grid = e.grid();
+                (ImageEncoder::TinyVit(e), grid)
+            }
+        };
         Ok(Sam {
-            image_encoder: ImageEncoderVit::load(ckpt, config.encoder.clone(), quant, device)?,
+            image_encoder,
             prompt_encoder: PromptEncoder::load(
                 ckpt,
                 config.prompt_embed_dim,
                 grid,
-                e.img_size,
+                config.encoder.img_size(),
                 config.mask_in_chans,
                 device,
             )?,
@@ -145,12 +210,12 @@ impl Sam {
     }
 
     fn grid(&self) -> usize {
-        self.config.encoder.img_size / self.config.encoder.patch_size
+        self.prompt_encoder.grid()
     }
 
     /// Runs the image encoder (`SamPredictor.set_image`).
     pub fn embed_image(&self, image: &RgbImage) -> Result<ImageEmbedding, ModelError> {
-        let size = self.config.encoder.img_size;
+        let size = self.config.encoder.img_size();
         let input = preprocess::prepare(image, size)?;
         let pixels = Tensor::from_data(TensorData::new(input.pixels, [1, 3, size, size]), &self.device);
         Ok(self.embed_pixels(pixels, input.original_size, input.input_size))
@@ -229,7 +294,7 @@ impl Sam {
                 preprocess::postprocess(
                     m,
                     side,
-                    self.config.encoder.img_size,
+                    self.config.encoder.img_size(),
                     image.input_size,
                     image.original_size,
                 )

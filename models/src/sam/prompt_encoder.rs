@@ -209,6 +209,11 @@ impl PromptEncoder {
         self.mask_conv3.forward(x)
     }
 
+    /// Side of the image-embedding grid.
+    pub fn grid(&self) -> usize {
+        self.grid
+    }
+
     /// Side of the low-resolution mask input (4× the embedding grid).
     pub fn mask_input_size(&self) -> usize {
         4 * self.grid
