@@ -212,6 +212,40 @@ fn write_float(values: Vec<f32>, dims: Vec<usize>, dtype: DType, device: &FlexDe
     Flex::float_from_data(TensorData::new(values, dims).convert_dtype(dtype), device)
 }
 
+fn flex_attention(
+    q: FloatTensor<Flex>,
+    k: FloatTensor<Flex>,
+    v: FloatTensor<Flex>,
+    scale: f32,
+    bias: Option<(FloatTensor<Flex>, FloatTensor<Flex>)>,
+) -> FloatTensor<Flex> {
+    let device = q.device();
+    let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (read_float(q), read_float(k), read_float(v));
+    let bias = bias.map(|(h, w)| {
+        let ((hv, hd, _), (wv, wd, _)) = (read_float(h), read_float(w));
+        assert!(
+            hd.len() == 4 && wd.len() == 4 && hd[3] * wd[3] == kd[2],
+            "attention: relative-position bias {hd:?} + {wd:?} does not fit {} keys",
+            kd[2]
+        );
+        (hv, wv, wd[3])
+    });
+    let out = crate::attention::reference_with_bias(
+        &qv,
+        &kv,
+        &vv,
+        crate::attention::AttentionShape {
+            bh: qd[0] * qd[1],
+            sq: qd[2],
+            skv: kd[2],
+            d: qd[3],
+        },
+        scale,
+        bias.as_ref().map(|(h, w, kw)| (h.as_slice(), w.as_slice(), *kw)),
+    );
+    write_float(out, qd, dtype, &device)
+}
+
 impl DivergenKernels for Flex {
     fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, transpose_rhs: bool) -> FloatTensor<Self> {
         let device = lhs.device();
@@ -274,21 +308,7 @@ impl DivergenKernels for Flex {
         )
     }
     fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        let device = q.device();
-        let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (read_float(q), read_float(k), read_float(v));
-        let out = crate::attention::reference(
-            &qv,
-            &kv,
-            &vv,
-            crate::attention::AttentionShape {
-                bh: qd[0] * qd[1],
-                sq: qd[2],
-                skv: kd[2],
-                d: qd[3],
-            },
-            scale,
-        );
-        write_float(out, qd, dtype, &device)
+        flex_attention(q, k, v, scale, None)
     }
     fn attention_rel_pos(
         q: FloatTensor<Self>,
@@ -298,28 +318,7 @@ impl DivergenKernels for Flex {
         bias_w: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
-        let device = q.device();
-        let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (read_float(q), read_float(k), read_float(v));
-        let ((hv, hd, _), (wv, wd, _)) = (read_float(bias_h), read_float(bias_w));
-        assert!(
-            hd.len() == 4 && wd.len() == 4 && hd[3] * wd[3] == kd[2],
-            "attention: relative-position bias {hd:?} + {wd:?} does not fit {} keys",
-            kd[2]
-        );
-        let out = crate::attention::reference_with_bias(
-            &qv,
-            &kv,
-            &vv,
-            crate::attention::AttentionShape {
-                bh: qd[0] * qd[1],
-                sq: qd[2],
-                skv: kd[2],
-                d: qd[3],
-            },
-            scale,
-            Some((&hv, &wv, wd[3])),
-        );
-        write_float(out, qd, dtype, &device)
+        flex_attention(q, k, v, scale, Some((bias_h, bias_w)))
     }
     fn group_norm(
         x: FloatTensor<Self>,

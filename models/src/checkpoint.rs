@@ -41,6 +41,9 @@ enum Source {
     },
     /// Metadata only; each tensor is read from the file when asked for.
     Pytorch(HashMap<String, pytorch_reader::Tensor>),
+    /// Every key at whatever shape is asked for, filled by [`crate::recipe`]: full-size models
+    /// with random weights for benchmarks, without writing gigabytes of checkpoint first.
+    Recipe,
 }
 
 /// A checkpoint's tensors by key, whatever the file format.
@@ -62,6 +65,16 @@ impl Checkpoint {
             Self::open_safetensors(path)
         } else {
             Self::open_pytorch(path)
+        }
+    }
+
+    /// A checkpoint that holds every key at the shape its loader asks for, filled with the
+    /// recipe's deterministic random values. For loaders given an explicit config (it has no
+    /// key list to infer one from).
+    pub fn recipe() -> Self {
+        Checkpoint {
+            path: PathBuf::from("<recipe weights>"),
+            source: Source::Recipe,
         }
     }
 
@@ -121,6 +134,7 @@ impl Checkpoint {
         match &self.source {
             Source::Safetensors { entries, .. } => entries.contains_key(key),
             Source::Pytorch(tensors) => tensors.contains_key(key),
+            Source::Recipe => true,
         }
     }
 
@@ -129,6 +143,7 @@ impl Checkpoint {
         let mut keys: Vec<(String, Vec<usize>)> = match &self.source {
             Source::Safetensors { entries, .. } => entries.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect(),
             Source::Pytorch(tensors) => tensors.iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect(),
+            Source::Recipe => Vec::new(),
         };
         keys.sort();
         keys
@@ -149,6 +164,7 @@ impl Checkpoint {
     /// after checking its shape.
     pub fn values(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         let values = match &self.source {
+            Source::Recipe => crate::recipe::tensor(key, shape),
             Source::Safetensors { bytes, entries } => {
                 let entry = entries.get(key).ok_or_else(|| self.missing(key, shape))?;
                 if entry.shape != shape {

@@ -46,14 +46,17 @@ pub fn run_kernels(request: &DeviceRequest, args: &KernelBenchArgs) -> Result<()
             if args.json {
                 bar.suspend(|| println!("{}", serde_json::to_string(c).unwrap_or_default()));
             } else {
-                bar.println(format!(
-                    "{:<16} {:<34} ours {:>9.3} ms  burn {:>9}  x{}",
-                    c.kernel,
-                    c.shape,
-                    c.ours_ms,
-                    c.burn_ms.map_or("–".into(), |b| format!("{b:.3} ms")),
-                    c.speedup.map_or("–".into(), |s| format!("{s:.2}"))
-                ));
+                say(
+                    &bar,
+                    format!(
+                        "{:<16} {:<34} ours {:>9.3} ms  burn {:>9}  x{}",
+                        c.kernel,
+                        c.shape,
+                        c.ours_ms,
+                        c.burn_ms.map_or("–".into(), |b| format!("{b:.3} ms")),
+                        c.speedup.map_or("–".into(), |s| format!("{s:.2}"))
+                    ),
+                );
             }
             bar.set_message(format!("after {} {}", c.kernel, c.shape));
         },
@@ -66,18 +69,132 @@ pub fn run_kernels(request: &DeviceRequest, args: &KernelBenchArgs) -> Result<()
         if args.quick { " --quick" } else { "" },
         markdown(&cases)
     );
-    if !args.json {
+    report(&table, args.json, args.markdown.as_deref())
+}
+
+/// Prints the table (unless the output is JSON lines) and writes it to `markdown`, atomically.
+fn report(table: &str, json: bool, markdown: Option<&std::path::Path>) -> Result<(), String> {
+    if !json {
         println!("\n{table}");
     }
-    if let Some(path) = &args.markdown {
+    if let Some(path) = markdown {
         let tmp = path.with_extension("md.tmp");
-        std::fs::write(&tmp, &table)
+        std::fs::write(&tmp, table)
             .and_then(|_| std::fs::rename(&tmp, path))
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }
 
+/// A result line above the spinner, or on stdout when there is no terminal to draw one on (so
+/// a redirected run still shows each case as it finishes).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 fn today() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..10].to_string()
+}
+
+#[derive(Args)]
+pub struct ModelBenchArgs {
+    /// Models to run: clip-vit-b-32, sam-vit-b, mobile-sam (default: all).
+    #[arg(long, value_delimiter = ',')]
+    model: Vec<String>,
+    /// Weight formats: none, int8, int4 (default: all three).
+    #[arg(long, value_delimiter = ',')]
+    quant: Vec<String>,
+    /// Timed calls after the first (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// CLIP images per batch.
+    #[arg(long, default_value_t = 8)]
+    clip_batch: usize,
+    /// One JSON object per case on stdout (JSON lines) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the Markdown table, with device and date, to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), String> {
+    use divergen_models::bench::{BenchModel, ModelBenchOptions, markdown, run};
+    use divergen_models::layers::Quantization;
+    let models = if args.model.is_empty() {
+        BenchModel::ALL.to_vec()
+    } else {
+        args.model
+            .iter()
+            .map(|m| {
+                BenchModel::ALL
+                    .into_iter()
+                    .find(|b| b.name() == m)
+                    .ok_or_else(|| format!("--model {m:?}: unknown (clip-vit-b-32, sam-vit-b or mobile-sam)"))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let quants = if args.quant.is_empty() {
+        vec![Quantization::None, Quantization::Int8, Quantization::Int4]
+    } else {
+        args.quant
+            .iter()
+            .map(|q| match q.as_str() {
+                "none" => Ok(Quantization::None),
+                "int8" => Ok(Quantization::Int8),
+                "int4" => Ok(Quantization::Int4),
+                other => Err(format!("--quant {other:?}: unknown (none, int8 or int4)")),
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if args.runs == 0 || args.clip_batch == 0 {
+        return Err("--runs and --clip-batch must be at least 1".into());
+    }
+    let device = open(request).map_err(|e| e.to_string())?;
+    log::info!("benchmarking models on {}", device.describe());
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").map_err(|e| e.to_string())?);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar.set_message(format!("{} ({:?})", models[0].name(), quants[0]));
+    let options = ModelBenchOptions {
+        models,
+        quants,
+        runs: args.runs,
+        clip_batch: args.clip_batch,
+    };
+    let cases = run(&device.device, &options, |c| {
+        if args.json {
+            bar.suspend(|| println!("{}", serde_json::to_string(c).unwrap_or_default()));
+        } else {
+            say(
+                &bar,
+                format!(
+                    "{:<14} {:<5} {:<36} first {:>9.0} ms  median {:>9.1} ms  {:>8.2}/s  weights {:>6.1} MiB  peak {}",
+                    c.model,
+                    c.quant,
+                    c.stage,
+                    c.first_ms,
+                    c.median_ms,
+                    c.per_second,
+                    c.weights_mib,
+                    c.peak_mib.map_or("–".into(), |m| format!("{m:.0} MiB"))
+                ),
+            );
+        }
+        bar.set_message(format!("after {} {} {}", c.model, c.quant, c.stage));
+    })
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let table = format!(
+        "Device: {}. Date: {}. Command: `divergen bench models --runs {}`.\n\n{}",
+        device.describe(),
+        today(),
+        args.runs,
+        markdown(&cases)
+    );
+    report(&table, args.json, args.markdown.as_deref())
 }

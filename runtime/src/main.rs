@@ -85,6 +85,8 @@ enum StreamCommand {
 enum BenchCommand {
     /// Our WGSL kernels at realistic sizes against burn's default path on the same device.
     Kernels(bench::KernelBenchArgs),
+    /// CLIP ViT-B/32, SAM ViT-B and MobileSAM at full size (random weights) in f32, int8 and int4.
+    Models(bench::ModelBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +97,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchCommand::Kernels(args),
         } => bench::run_kernels(&request, &args),
+        Command::Bench {
+            what: BenchCommand::Models(args),
+        } => bench::run_models(&request, &args),
         Command::Embed(args) => embed::run(&request, &args),
         Command::Segment(args) => segment::run(&request, &args),
         Command::Stream {

@@ -15,8 +15,8 @@ struct Params {
     kw: u32,
     stride: u32,
     pad: u32,
-    _pad0: u32,
-    _pad1: u32,
+    n: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;

@@ -2,19 +2,20 @@
 // MBConv, patch-merging and local convolutions. Each output reads only its own channel's KH×KW
 // window, so there is no reduction across channels to tile: one output per invocation, with
 // the channel's taps read from a small weight row that stays in cache across the plane.
+// The same parameter block as conv2d.wgsl (conv/mod.rs: conv_params); Co = C here.
 struct Params {
-    planes: u32, // N·C
     c: u32,
     h: u32,
     w: u32,
+    co: u32,
     oh: u32,
     ow: u32,
     kh: u32,
     kw: u32,
     stride: u32,
     pad: u32,
-    _pad0: u32,
-    _pad1: u32,
+    n: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
@@ -31,7 +32,7 @@ fn main(
 ) {
     let i = (wid.x + wid.y * groups.x) * {{ wg_x }}u + lid;
     let plane_len = p.oh * p.ow;
-    if (i >= p.planes * plane_len) {
+    if (i >= p.n * p.c * plane_len) {
         return;
     }
     let plane = i / plane_len;

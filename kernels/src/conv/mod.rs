@@ -161,6 +161,29 @@ fn conv1x1_as_gemm(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, s: &Conv
     view(&into_contiguous(y), s.out_dims().to_vec())
 }
 
+/// The parameter block both convolution shaders read (`Params` in conv2d.wgsl and
+/// depthwise.wgsl, same field order).
+fn conv_params(client: &burn::cubecl::client::Client, s: &ConvShape) -> burn::cubecl::server::BufferBinding {
+    let u = |v: usize, what| as_u32(v, what);
+    params(
+        client,
+        &[
+            u(s.ci, "Ci"),
+            u(s.h, "H"),
+            u(s.w, "W"),
+            u(s.co, "Co"),
+            u(s.oh, "OH"),
+            u(s.ow, "OW"),
+            u(s.kh, "KH"),
+            u(s.kw, "KW"),
+            u(s.stride, "stride"),
+            u(s.pad, "pad"),
+            u(s.n, "N"),
+            0,
+        ],
+    )
+}
+
 pub(crate) fn launch_conv2d(
     x: CubeTensor,
     weight: CubeTensor,
@@ -189,23 +212,7 @@ pub(crate) fn launch_conv2d(
     let tile = Tile::conv(crate::tuning::on_cpu(&x.client));
     let tp = 4 * tile.tnv;
     let u = |v: usize, what| as_u32(v, what);
-    let p = params(
-        &x.client,
-        &[
-            u(s.ci, "Ci"),
-            u(s.h, "H"),
-            u(s.w, "W"),
-            u(s.co, "Co"),
-            u(s.oh, "OH"),
-            u(s.ow, "OW"),
-            u(s.kh, "KH"),
-            u(s.kw, "KW"),
-            u(stride, "stride"),
-            u(pad, "pad"),
-            0,
-            0,
-        ],
-    );
+    let p = conv_params(&x.client, &s);
     let groups = (
         u(
             (s.oh * s.ow).div_ceil(tp as usize).div_ceil(tile.wg_x as usize),
@@ -259,25 +266,8 @@ pub(crate) fn launch_depthwise(
     if len == 0 {
         return out;
     }
-    let u = |v: usize, what| as_u32(v, what);
-    let p = params(
-        &x.client,
-        &[
-            u(s.n * s.ci, "N·C"),
-            u(s.ci, "C"),
-            u(s.h, "H"),
-            u(s.w, "W"),
-            u(s.oh, "OH"),
-            u(s.ow, "OW"),
-            u(s.kh, "KH"),
-            u(s.kw, "KW"),
-            u(stride, "stride"),
-            u(pad, "pad"),
-            0,
-            0,
-        ],
-    );
-    let (gx, gy) = fold_groups(u(len.div_ceil(256), "groups"));
+    let p = conv_params(&x.client, &s);
+    let (gx, gy) = fold_groups(as_u32(len.div_ceil(256), "groups"));
     WgslKernel::new("depthwise_conv2d", DEPTHWISE).launch(
         &x.client,
         (256, 1, 1),
@@ -316,52 +306,38 @@ pub(crate) fn launch_upsample(x: CubeTensor) -> CubeTensor {
 
 /// CPU reference: direct convolution, f64 accumulation.
 pub fn reference_conv2d(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
+    reference_direct(x, weight, bias, s, false)
+}
+
+/// CPU reference: depthwise convolution (`groups = C`), f64 accumulation. `s` from
+/// [`depthwise_shape`].
+pub fn reference_depthwise(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
+    reference_direct(x, weight, bias, s, true)
+}
+
+/// Every output channel reads all input channels, or (depthwise) only its own.
+fn reference_direct(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape, depthwise: bool) -> Vec<f32> {
+    let inputs = if depthwise { 1 } else { s.ci };
     let mut out = vec![0f32; s.n * s.co * s.oh * s.ow];
     for n in 0..s.n {
         for co in 0..s.co {
             for oy in 0..s.oh {
                 for ox in 0..s.ow {
                     let mut acc = bias[co] as f64;
-                    for ci in 0..s.ci {
+                    for j in 0..inputs {
+                        let ci = if depthwise { co } else { j };
                         for ky in 0..s.kh {
                             for kx in 0..s.kw {
                                 let iy = (oy * s.stride + ky) as isize - s.pad as isize;
                                 let ix = (ox * s.stride + kx) as isize - s.pad as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
                                     let xv = x[((n * s.ci + ci) * s.h + iy as usize) * s.w + ix as usize];
-                                    acc += xv as f64 * weight[((co * s.ci + ci) * s.kh + ky) * s.kw + kx] as f64;
+                                    acc += xv as f64 * weight[((co * inputs + j) * s.kh + ky) * s.kw + kx] as f64;
                                 }
                             }
                         }
                     }
                     out[((n * s.co + co) * s.oh + oy) * s.ow + ox] = acc as f32;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// CPU reference: depthwise convolution (`groups = C`), f64 accumulation. `s` from
-/// [`depthwise_shape`].
-pub fn reference_depthwise(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
-    let mut out = vec![0f32; s.n * s.co * s.oh * s.ow];
-    for n in 0..s.n {
-        for c in 0..s.co {
-            for oy in 0..s.oh {
-                for ox in 0..s.ow {
-                    let mut acc = bias[c] as f64;
-                    for ky in 0..s.kh {
-                        for kx in 0..s.kw {
-                            let iy = (oy * s.stride + ky) as isize - s.pad as isize;
-                            let ix = (ox * s.stride + kx) as isize - s.pad as isize;
-                            if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
-                                let xv = x[((n * s.ci + c) * s.h + iy as usize) * s.w + ix as usize];
-                                acc += xv as f64 * weight[(c * s.kh + ky) * s.kw + kx] as f64;
-                            }
-                        }
-                    }
-                    out[((n * s.co + c) * s.oh + oy) * s.ow + ox] = acc as f32;
                 }
             }
         }
@@ -387,26 +363,35 @@ mod tests {
     use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
 
     fn check(xd: [usize; 4], co: usize, k: usize, stride: usize, pad: usize, seed: u64) {
-        let wd = [co, xd[1], k, k];
-        let s = ConvShape::of(&xd, &wd, stride, pad);
+        check_conv(xd, co, k, stride, pad, seed, false);
+    }
+
+    /// Against the reference on every device; `depthwise` takes `co = C` and a `[C, 1, k, k]`
+    /// weight.
+    fn check_conv(xd: [usize; 4], co: usize, k: usize, stride: usize, pad: usize, seed: u64, depthwise: bool) {
+        let wd = [co, if depthwise { 1 } else { xd[1] }, k, k];
+        let s = if depthwise {
+            depthwise_shape(&xd, &wd, stride, pad)
+        } else {
+            ConvShape::of(&xd, &wd, stride, pad)
+        };
         let x = random_vec(xd.iter().product(), seed, 1.0);
         let w = random_vec(wd.iter().product(), seed + 1, 0.3);
         let b = random_vec(co, seed + 2, 1.0);
-        let want = reference_conv2d(&x, &w, &b, &s);
+        let want = reference_direct(&x, &w, &b, &s, depthwise);
         for_each_device(|dev, label| {
-            let got = crate::conv2d(
-                upload(&x, &xd, dev),
-                upload(&w, &wd, dev),
-                upload(&b, &[co], dev),
-                stride,
-                pad,
-            );
+            let (x, w, b) = (upload(&x, &xd, dev), upload(&w, &wd, dev), upload(&b, &[co], dev));
+            let got = if depthwise {
+                crate::depthwise_conv2d(x, w, b, stride, pad)
+            } else {
+                crate::conv2d(x, w, b, stride, pad)
+            };
             assert_eq!(got.dims(), s.out_dims());
             assert_close(
                 &to_vec(got),
                 &want,
                 1e-5,
-                &format!("{label} conv {xd:?} co{co} k{k} s{stride} p{pad}"),
+                &format!("{label} conv {xd:?} co{co} k{k} s{stride} p{pad} depthwise {depthwise}"),
             );
         });
     }
@@ -430,36 +415,11 @@ mod tests {
         check([1, 4, 5, 6], 6, 1, 1, 1, 95); // padding 1 on a 1×1 kernel: a zero border
     }
 
-    fn check_depthwise(xd: [usize; 4], k: usize, stride: usize, pad: usize, seed: u64) {
-        let wd = [xd[1], 1, k, k];
-        let s = depthwise_shape(&xd, &wd, stride, pad);
-        let x = random_vec(xd.iter().product(), seed, 1.0);
-        let w = random_vec(wd.iter().product(), seed + 1, 0.5);
-        let b = random_vec(xd[1], seed + 2, 1.0);
-        let want = reference_depthwise(&x, &w, &b, &s);
-        for_each_device(|dev, label| {
-            let got = crate::depthwise_conv2d(
-                upload(&x, &xd, dev),
-                upload(&w, &wd, dev),
-                upload(&b, &[xd[1]], dev),
-                stride,
-                pad,
-            );
-            assert_eq!(got.dims(), s.out_dims());
-            assert_close(
-                &to_vec(got),
-                &want,
-                1e-5,
-                &format!("{label} depthwise {xd:?} k{k} s{stride} p{pad}"),
-            );
-        });
-    }
-
     #[test]
     fn depthwise_3x3_as_in_tinyvit() {
-        check_depthwise([2, 12, 9, 11], 3, 1, 1, 97); // MBConv / local conv
-        check_depthwise([1, 10, 16, 15], 3, 2, 1, 98); // patch merging, stride 2
-        check_depthwise([1, 3, 5, 5], 5, 1, 0, 99);
+        check_conv([2, 12, 9, 11], 12, 3, 1, 1, 97, true); // MBConv / local conv
+        check_conv([1, 10, 16, 15], 10, 3, 2, 1, 98, true); // patch merging, stride 2
+        check_conv([1, 3, 5, 5], 3, 5, 1, 0, 99, true);
     }
 
     #[test]

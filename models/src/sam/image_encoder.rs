@@ -190,6 +190,31 @@ pub struct ImageEncoderVit {
     neck: Neck,
 }
 
+/// Runs `f` on each `w×w` window of a `side×side` token grid `[B, side², C]`: the grid is
+/// zero-padded to whole windows, the windows batched as `[B·n², w², C]`, and the padding dropped
+/// from the result (ViTDet's `window_partition` / `window_unpartition`).
+pub(crate) fn in_windows(x: Tensor<3>, side: usize, w: usize, f: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+    let [b, l, c] = x.dims();
+    let n = side.div_ceil(w);
+    let padded = n * w;
+    let mut h = x.reshape([b, side, side, c]);
+    if padded > side {
+        let device = h.device();
+        h = Tensor::cat(vec![h, Tensor::zeros([b, padded - side, side, c], &device)], 1);
+        h = Tensor::cat(vec![h, Tensor::zeros([b, padded, padded - side, c], &device)], 2);
+    }
+    let windows = h
+        .reshape([b, n, w, n, w, c])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([b * n * n, w * w, c]);
+    f(windows)
+        .reshape([b, n, n, w, w, c])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([b, padded, padded, c])
+        .slice([0..b, 0..side, 0..side, 0..c])
+        .reshape([b, l, c])
+}
+
 /// `table[i - j + size - 1]` for every query/key index pair `(i, j)` along one axis, as
 /// `get_rel_pos` does when the table already has `2·size - 1` rows.
 fn gather_rel_pos(table: &[f32], size: usize, dim: usize, device: &Device) -> Tensor<3> {
@@ -259,7 +284,7 @@ impl ImageEncoderVit {
     /// `[B, 3, S, S]` preprocessed pixels → `[B, out_chans, S/16, S/16]`.
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<4> {
         let [b, c, _, _] = pixels.dims();
-        let (p, d) = (self.config.patch_size, self.config.embed_dim);
+        let p = self.config.patch_size;
         let g = self.config.img_size / p;
         let patches = pixels
             .reshape([b, c, g, p, g, p])
@@ -267,37 +292,20 @@ impl ImageEncoderVit {
             .reshape([b, g * g, c * p * p]);
         let mut x = self.patch_embed.forward(patches) + self.pos_embed.clone();
         for block in &self.blocks {
-            x = self.block(block, x, b, g, d);
+            x = self.block(block, x, g);
         }
         self.neck.forward(x, g)
     }
 
-    fn block(&self, block: &Block, x: Tensor<3>, b: usize, g: usize, d: usize) -> Tensor<3> {
+    fn block(&self, block: &Block, x: Tensor<3>, g: usize) -> Tensor<3> {
         let h = block.norm1.forward(x.clone());
         let h = if block.window == 0 {
             self.attention(block, h, g)
         } else {
-            // Zero-pad the grid to whole windows (padding tokens take part as keys, as in SAM),
-            // attend within each window, then drop the padding.
-            let w = block.window;
-            let n = g.div_ceil(w);
-            let gp = n * w;
-            let mut h = h.reshape([b, g, g, d]);
-            if gp > g {
-                let device = h.device();
-                h = Tensor::cat(vec![h, Tensor::zeros([b, gp - g, g, d], &device)], 1);
-                h = Tensor::cat(vec![h, Tensor::zeros([b, gp, gp - g, d], &device)], 2);
-            }
-            let windows = h
-                .reshape([b, n, w, n, w, d])
-                .permute([0, 1, 3, 2, 4, 5])
-                .reshape([b * n * n, w * w, d]);
-            let out = self.attention(block, windows, w);
-            out.reshape([b, n, n, w, w, d])
-                .permute([0, 1, 3, 2, 4, 5])
-                .reshape([b, gp, gp, d])
-                .slice([0..b, 0..g, 0..g, 0..d])
-                .reshape([b, g * g, d])
+            // Padding tokens take part as keys, as in SAM.
+            in_windows(h, g, block.window, |windows| {
+                self.attention(block, windows, block.window)
+            })
         };
         let x = x + h;
         let m = block

@@ -240,6 +240,37 @@ impl Sam {
     /// Decodes one prompt (`SamPredictor.predict` with `return_logits=True`): with `multimask`
     /// the three disambiguating masks, otherwise the single-mask output.
     pub fn predict(&self, image: &ImageEmbedding, prompt: &Prompt, multimask: bool) -> Result<Prediction, ModelError> {
+        let (low_res, iou) = self.decode(image, prompt, multimask)?;
+        let side = self.prompt_encoder.mask_input_size();
+        let masks = low_res
+            .iter()
+            .map(|m| {
+                preprocess::postprocess(
+                    m,
+                    side,
+                    self.config.encoder.img_size(),
+                    image.input_size,
+                    image.original_size,
+                )
+            })
+            .collect();
+        Ok(Prediction {
+            masks,
+            iou,
+            low_res,
+            size: image.original_size,
+        })
+    }
+
+    /// The mask decoder alone: low-resolution logits (`256 × 256` planes) and predicted IoUs of
+    /// the chosen masks, before post-processing.
+    #[allow(clippy::type_complexity)]
+    pub fn decode(
+        &self,
+        image: &ImageEmbedding,
+        prompt: &Prompt,
+        multimask: bool,
+    ) -> Result<(Vec<Vec<f32>>, Vec<f32>), ModelError> {
         let (oh, ow) = image.original_size;
         let (ih, iw) = image.input_size;
         let (sx, sy) = (iw as f32 / ow as f32, ih as f32 / oh as f32);
@@ -288,24 +319,7 @@ impl Sam {
             .iter()
             .map(|&i| low[i * plane..(i + 1) * plane].to_vec())
             .collect();
-        let masks = low_res
-            .iter()
-            .map(|m| {
-                preprocess::postprocess(
-                    m,
-                    side,
-                    self.config.encoder.img_size(),
-                    image.input_size,
-                    image.original_size,
-                )
-            })
-            .collect();
-        Ok(Prediction {
-            masks,
-            iou: chosen.iter().map(|&i| iou[i]).collect(),
-            low_res,
-            size: image.original_size,
-        })
+        Ok((low_res, chosen.iter().map(|&i| iou[i]).collect()))
     }
 
     /// Bytes held by the linear layers (encoder and decoder): `(now, in f32)`, i.e. after and

@@ -11,7 +11,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::{conv2d, depthwise_conv2d, gelu, gemm, gemm_bt, softmax};
 
-use super::image_encoder::Neck;
+use super::image_encoder::{Neck, in_windows};
 use crate::checkpoint::{Checkpoint, ModelError};
 use crate::layers::{LayerNorm, Linear, Quantization};
 
@@ -377,30 +377,12 @@ impl TinyVit {
     }
 
     fn block(&self, block: &Block, x: Tensor<3>, side: usize) -> Tensor<3> {
-        let [b, l, c] = x.dims();
         let w = block.window;
         let a = if side == w {
             self.attention(&block.attn, x.clone())
         } else {
-            // Zero-pad to whole windows; the attention's own norm sees the padding, as in TinyViT.
-            let n = side.div_ceil(w);
-            let padded = n * w;
-            let mut h = x.clone().reshape([b, side, side, c]);
-            if padded > side {
-                let device = h.device();
-                h = Tensor::cat(vec![h, Tensor::zeros([b, padded - side, side, c], &device)], 1);
-                h = Tensor::cat(vec![h, Tensor::zeros([b, padded, padded - side, c], &device)], 2);
-            }
-            let windows = h
-                .reshape([b, n, w, n, w, c])
-                .permute([0, 1, 3, 2, 4, 5])
-                .reshape([b * n * n, w * w, c]);
-            self.attention(&block.attn, windows)
-                .reshape([b, n, n, w, w, c])
-                .permute([0, 1, 3, 2, 4, 5])
-                .reshape([b, padded, padded, c])
-                .slice([0..b, 0..side, 0..side, 0..c])
-                .reshape([b, l, c])
+            // The attention's own norm sees the zero padding, as in TinyViT.
+            in_windows(x.clone(), side, w, |windows| self.attention(&block.attn, windows))
         };
         let x = x + a;
         let (x, _) = block.local_conv.forward(x, side);

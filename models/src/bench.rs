@@ -1,0 +1,192 @@
+//! `divergen bench models`: the real models at full size (random weights from the recipe) on a
+//! device, in f32, int8 and int4: CLIP ViT-B/32 image embeddings per second, SAM ViT-B and
+//! MobileSAM encoder and decoder milliseconds, weights and peak device memory.
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, ModelError};
+use crate::clip::{Clip, ClipConfig};
+use crate::layers::Quantization;
+use crate::sam::{Point, PointLabel, Prompt, Sam, SamConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchModel {
+    ClipVitB32,
+    SamVitB,
+    MobileSam,
+}
+
+impl BenchModel {
+    pub const ALL: [BenchModel; 3] = [BenchModel::ClipVitB32, BenchModel::SamVitB, BenchModel::MobileSam];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchModel::ClipVitB32 => "clip-vit-b-32",
+            BenchModel::SamVitB => "sam-vit-b",
+            BenchModel::MobileSam => "mobile-sam",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelBenchCase {
+    pub model: &'static str,
+    pub quant: String,
+    /// What one timed call does.
+    pub stage: String,
+    /// The first call (kernel compilation and autotuning included).
+    pub first_ms: f64,
+    /// Median of the timed calls.
+    pub median_ms: f64,
+    /// Items per second at the median (images for CLIP, prompts or images for SAM).
+    pub per_second: f64,
+    /// Linear-layer weights as loaded (after quantization).
+    pub weights_mib: f64,
+    /// Device memory the pool reserved by the end of the run (its high-water mark: pages are
+    /// kept for reuse, not returned).
+    pub peak_mib: Option<f64>,
+}
+
+pub struct ModelBenchOptions {
+    pub models: Vec<BenchModel>,
+    pub quants: Vec<Quantization>,
+    /// Timed calls after the first.
+    pub runs: usize,
+    /// CLIP images per batch.
+    pub clip_batch: usize,
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+fn sync(device: &Device) -> Result<(), ModelError> {
+    device
+        .sync()
+        .map_err(|e| ModelError(format!("device failed during the benchmark: {e:?}")))
+}
+
+/// First-call and median times (ms) of `op`, which must queue its work.
+fn time<T>(device: &Device, runs: usize, mut op: impl FnMut() -> T) -> Result<(f64, f64), ModelError> {
+    let start = Instant::now();
+    drop(op());
+    sync(device)?;
+    let first = start.elapsed().as_secs_f64() * 1e3;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        let out = op();
+        sync(device)?;
+        drop(out);
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((first, times[times.len() / 2]))
+}
+
+fn peak_mib(device: &Device) -> Option<f64> {
+    device
+        .memory_pool_usage()
+        .map(|u| u.bytes_reserved as f64 / (1 << 20) as f64)
+}
+
+pub fn run(
+    device: &Device,
+    options: &ModelBenchOptions,
+    mut on_case: impl FnMut(&ModelBenchCase),
+) -> Result<Vec<ModelBenchCase>, ModelError> {
+    let ckpt = Checkpoint::recipe();
+    let mut cases = Vec::new();
+    for &model in &options.models {
+        for &quant in &options.quants {
+            device.memory_cleanup();
+            // One timed stage: `items` per call, weights as loaded.
+            let mut record = |stage: String, (first, median): (f64, f64), items: usize, weights: usize| {
+                let case = ModelBenchCase {
+                    model: model.name(),
+                    quant: format!("{quant:?}").to_lowercase(),
+                    stage,
+                    first_ms: first,
+                    median_ms: median,
+                    per_second: items as f64 * 1e3 / median,
+                    weights_mib: mib(weights),
+                    peak_mib: peak_mib(device),
+                };
+                on_case(&case);
+                cases.push(case);
+            };
+            match model {
+                BenchModel::ClipVitB32 => {
+                    let clip = Clip::from_checkpoint(ClipConfig::vit_b_32(), &ckpt, quant, device)?;
+                    let n = options.clip_batch;
+                    let size = clip.config.vision_config.image_size;
+                    let pixels = bench_pixels([n, 3, size, size], device);
+                    let timing = time(device, options.runs, || clip.vision.forward(pixels.clone()))?;
+                    let stage = format!("vision tower, batch of {n} at {size}²");
+                    record(stage, timing, n, clip.linear_bytes().0);
+                }
+                BenchModel::SamVitB | BenchModel::MobileSam => {
+                    let config = if model == BenchModel::SamVitB {
+                        SamConfig::vit_b()
+                    } else {
+                        SamConfig::mobile_sam()
+                    };
+                    let sam = Sam::from_checkpoint(config, &ckpt, quant, device)?;
+                    let size = sam.config.encoder.img_size();
+                    let pixels = bench_pixels([1, 3, size, size], device);
+                    let weights = sam.linear_bytes().0;
+                    let timing = time(device, options.runs, || {
+                        sam.embed_pixels(pixels.clone(), (size, size), (size, size)).embedding
+                    })?;
+                    record(format!("image encoder at {size}²"), timing, 1, weights);
+                    let embedded = sam.embed_pixels(pixels.clone(), (size, size), (size, size));
+                    // DiverGen's prompt: the four corners, three masks. Mask logits come back to
+                    // the host (the pipeline reads them), full-size post-processing excluded.
+                    let corner = (size - 1) as f32;
+                    let prompt = Prompt {
+                        points: [(0.0, 0.0), (corner, 0.0), (0.0, corner), (corner, corner)]
+                            .iter()
+                            .map(|&(x, y)| Point {
+                                x,
+                                y,
+                                label: PointLabel::Foreground,
+                            })
+                            .collect(),
+                        ..Default::default()
+                    };
+                    let timing = time(device, options.runs.max(3), || sam.decode(&embedded, &prompt, true))?;
+                    record("mask decoder, 4 points, 3 masks".into(), timing, 1, weights);
+                }
+            }
+        }
+    }
+    Ok(cases)
+}
+
+fn bench_pixels(shape: [usize; 4], device: &Device) -> Tensor<4> {
+    let values = crate::recipe::values("bench_pixels", shape.iter().product(), 2.0, 0.0);
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+pub fn markdown(cases: &[ModelBenchCase]) -> String {
+    let mut s = String::from(
+        "| model | weights | stage | first call ms | median ms | per second | linear weights MiB | peak reserved MiB |\n|---|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for c in cases {
+        s += &format!(
+            "| {} | {} | {} | {:.0} | {:.1} | {:.2} | {:.1} | {} |\n",
+            c.model,
+            c.quant,
+            c.stage,
+            c.first_ms,
+            c.median_ms,
+            c.per_second,
+            c.weights_mib,
+            c.peak_mib.map_or("–".into(), |m| format!("{m:.0}"))
+        );
+    }
+    s
+}
