@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod clip_preprocess;
 pub mod clip_tokenizer;
+pub mod diffusion;
 pub mod layers;
 pub mod recipe;
 pub mod resize;

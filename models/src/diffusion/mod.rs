@@ -1,0 +1,3 @@
+//! The Stable Diffusion family: schedulers (this stop), then the text encoder, UNet and VAE.
+
+pub mod scheduler;
