@@ -1,3 +1,5 @@
-//! The Stable Diffusion family: schedulers (this stop), then the text encoder, UNet and VAE.
+//! The Stable Diffusion family: schedulers and the VAE decoder so far; the UNet and the text
+//! encoder wiring come next.
 
 pub mod scheduler;
+pub mod vae;
