@@ -1,22 +1,33 @@
-//! The VAE decoder against diffusers' `AutoencoderKL.decode` on the same weights: SD 1.5's
-//! config at full channel width, an 8×8 latent (fixture: `models/fixtures/diffusion/vae-sd15`,
-//! made by `models/fixtures/make_vae_fixture.py`).
+//! The VAE decoders against diffusers on the same weights: `AutoencoderKL.decode` with SD 1.5's
+//! config at full channel width, and `AutoencoderTiny` (TAESD), on an 8×8 latent (fixtures:
+//! `models/fixtures/diffusion/{vae-sd15,taesd}`, made by `models/fixtures/make_vae_fixture.py`).
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
 use divergen_kernels::testing::{for_each_device, relative_error, to_vec};
+use divergen_models::diffusion::taesd::TinyDecoder;
 use divergen_models::diffusion::vae::VaeDecoder;
 use divergen_models::recipe;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/diffusion/vae-sd15")
+    fixture_of("vae-sd15")
+}
+
+fn fixture_of(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/diffusion")
+        .join(name)
 }
 
 /// A diffusers `vae/` folder: the fixture's config and recipe weights under the official keys.
 fn vae_folder(reference: &serde_json::Value) -> tempfile::TempDir {
+    folder_of("vae-sd15", reference)
+}
+
+fn folder_of(name: &str, reference: &serde_json::Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture().join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(fixture_of(name).join("config.json"), dir.path().join("config.json")).unwrap();
     recipe::write_checkpoint(
         &dir.path().join("diffusion_pytorch_model.safetensors"),
         reference["keys"].as_object().unwrap(),
@@ -47,6 +58,31 @@ fn vae_decoder_matches_diffusers() {
         let err = relative_error(&to_vec(image), &want);
         eprintln!("{label}: VAE decode relative error {err:.2e}");
         assert!(err <= 1e-4, "{label}: VAE decode differs from diffusers by {err:.2e}");
+    });
+}
+
+#[test]
+fn taesd_decoder_matches_diffusers() {
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture_of("taesd").join("reference.json")).unwrap()).unwrap();
+    let dir = folder_of("taesd", &reference);
+    let want: Vec<f32> = reference["image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let latents = recipe::values("vae_latents", 4 * 8 * 8, 1.7, 0.0);
+    for_each_device(|device, label| {
+        let taesd = TinyDecoder::load(dir.path(), device).unwrap();
+        let image = taesd.decode(Tensor::from_data(
+            TensorData::new(latents.clone(), [1, 4, 8, 8]),
+            device,
+        ));
+        assert_eq!(image.dims(), [1, 3, 64, 64]);
+        let err = relative_error(&to_vec(image), &want);
+        eprintln!("{label}: TAESD decode relative error {err:.2e}");
+        assert!(err <= 1e-4, "{label}: TAESD decode differs from diffusers by {err:.2e}");
     });
 }
 

@@ -2,4 +2,5 @@
 //! encoder wiring come next.
 
 pub mod scheduler;
+pub mod taesd;
 pub mod vae;
