@@ -73,12 +73,14 @@ impl Conv {
     }
 }
 
+// Two dozen layers built once: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Layer {
     /// A convolution, followed by ReLU when `relu`.
     Conv(Conv, bool),
     /// `relu(conv(relu(conv(relu(conv(x))))) + x)` (the decoder's blocks keep their width, so
     /// the skip is the identity).
-    Block(Box<[Conv; 3]>),
+    Block([Conv; 3]),
     Upsample,
 }
 
@@ -147,7 +149,7 @@ impl TinyDecoder {
             for _ in 0..blocks {
                 let p = next();
                 let conv = |j: usize| Conv::load(ckpt, &format!("{p}.conv.{j}"), ch, ch, 3, true, device);
-                layers.push(Layer::Block(Box::new([conv(0)?, conv(2)?, conv(4)?])));
+                layers.push(Layer::Block([conv(0)?, conv(2)?, conv(4)?]));
             }
             let last = i + 1 == stages;
             if !last {
@@ -172,8 +174,7 @@ impl TinyDecoder {
                     let y = conv.forward(x);
                     if *then_relu { relu(y) } else { y }
                 }
-                Layer::Block(convs) => {
-                    let [a, b, c] = &**convs;
+                Layer::Block([a, b, c]) => {
                     let h = c.forward(relu(b.forward(relu(a.forward(x.clone())))));
                     relu(h + x)
                 }
