@@ -3,4 +3,5 @@
 
 pub mod scheduler;
 pub mod taesd;
+pub mod unet;
 pub mod vae;

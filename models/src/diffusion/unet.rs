@@ -1,0 +1,715 @@
+//! diffusers' `UNet2DConditionModel` built from its `config.json`, weights read from a diffusers
+//! `unet/` folder unchanged. One implementation for SD 1.5, SD 2.x, SD-Turbo and BK-SDM (they
+//! differ only in config): sinusoidal time embedding + MLP; down blocks of ResNets (with the
+//! time embedding added), optional spatial transformers (self-attention, cross-attention to the
+//! text, GEGLU feed-forward) and stride-2 downsampling; an optional cross-attention mid block;
+//! up blocks that concatenate the skips; group norm, SiLU, `conv_out`.
+//!
+//! Linear layers (attention projections, feed-forward, 1×1 projections, time embedding) go
+//! through `Linear` and are quantized at load like the other models; 3×3 convolutions, group
+//! norms and attention run through our kernels in f32.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use divergen_kernels::{attention, conv2d, gelu, group_norm, silu, upsample_nearest2x};
+use serde::Deserialize;
+
+use crate::checkpoint::{Checkpoint, ModelError};
+use crate::layers::{LayerNorm, Linear, Quantization};
+
+/// `attention_head_dim` / `num_attention_heads`: one value for all blocks or one per block.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    fn get(&self, i: usize) -> usize {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::Each(v) => v.get(i).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The fields of a `UNet2DConditionModel` `config.json` this model reads, with diffusers'
+/// defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub mid_block_type: Option<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub cross_attention_dim: usize,
+    pub attention_head_dim: PerBlock,
+    pub num_attention_heads: Option<PerBlock>,
+    pub use_linear_projection: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub transformer_layers_per_block: usize,
+    pub time_cond_proj_dim: Option<usize>,
+    pub class_embed_type: Option<String>,
+    pub addition_embed_type: Option<String>,
+    pub resnet_time_scale_shift: String,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        UNetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            down_block_types: [
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            up_block_types: [
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            cross_attention_dim: 1280,
+            attention_head_dim: PerBlock::One(8),
+            num_attention_heads: None,
+            use_linear_projection: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            transformer_layers_per_block: 1,
+            time_cond_proj_dim: None,
+            class_embed_type: None,
+            addition_embed_type: None,
+            resnet_time_scale_shift: "default".into(),
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+        }
+    }
+}
+
+impl UNetConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::at(path, e))?;
+        let c: Self = serde_json::from_str(&text).map_err(|e| ModelError::at(path, e))?;
+        c.validate().map_err(|e| ModelError::at(path, e))?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(
+                "block_out_channels, down_block_types and up_block_types must have the same non-zero length".into(),
+            );
+        }
+        for t in &self.down_block_types {
+            if !matches!(t.as_str(), "CrossAttnDownBlock2D" | "DownBlock2D") {
+                return Err(format!(
+                    "down_block_types: {t:?} is not supported (CrossAttnDownBlock2D, DownBlock2D)"
+                ));
+            }
+        }
+        for t in &self.up_block_types {
+            if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
+                return Err(format!(
+                    "up_block_types: {t:?} is not supported (CrossAttnUpBlock2D, UpBlock2D)"
+                ));
+            }
+        }
+        if let Some(m) = &self.mid_block_type
+            && m != "UNetMidBlock2DCrossAttn"
+        {
+            return Err(format!(
+                "mid_block_type: {m:?} is not supported (UNetMidBlock2DCrossAttn or null)"
+            ));
+        }
+        for (key, unsupported) in [
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
+            ("class_embed_type", self.class_embed_type.is_some()),
+            ("addition_embed_type", self.addition_embed_type.is_some()),
+            ("resnet_time_scale_shift", self.resnet_time_scale_shift != "default"),
+            ("transformer_layers_per_block", self.transformer_layers_per_block != 1),
+            (
+                "conv_in_kernel/conv_out_kernel",
+                self.conv_in_kernel != 3 || self.conv_out_kernel != 3,
+            ),
+        ] {
+            if unsupported {
+                return Err(format!("{key}: this setting is not supported"));
+            }
+        }
+        if self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
+            return Err("block_out_channels must be multiples of norm_num_groups".into());
+        }
+        Ok(())
+    }
+
+    /// Heads of block `i`: diffusers' historical naming makes `attention_head_dim` the head
+    /// count when `num_attention_heads` is absent.
+    fn heads(&self, i: usize) -> usize {
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .get(i)
+    }
+}
+
+struct Conv {
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    stride: usize,
+}
+
+impl Conv {
+    fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        out: usize,
+        inp: usize,
+        stride: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(Conv {
+            weight: ckpt.tensor(&format!("{p}.weight"), [out, inp, 3, 3], device)?,
+            bias: ckpt.tensor(&format!("{p}.bias"), [out], device)?,
+            stride,
+        })
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        conv2d(x, self.weight.clone(), self.bias.clone(), self.stride, 1)
+    }
+}
+
+struct GroupNorm {
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    groups: usize,
+    eps: f32,
+}
+
+impl GroupNorm {
+    fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        c: usize,
+        groups: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(GroupNorm {
+            gamma: ckpt.tensor(&format!("{p}.weight"), [c], device)?,
+            beta: ckpt.tensor(&format!("{p}.bias"), [c], device)?,
+            groups,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        group_norm(x, self.gamma.clone(), self.beta.clone(), self.groups, self.eps, silu)
+    }
+}
+
+/// A 1×1 convolution or a linear layer (checkpoints store either), as a linear layer.
+fn pointwise(
+    ckpt: &Checkpoint,
+    p: &str,
+    out: usize,
+    inp: usize,
+    conv: bool,
+    quant: Quantization,
+    device: &Device,
+) -> Result<Linear, ModelError> {
+    if conv {
+        let w = ckpt.values(&format!("{p}.weight"), &[out, inp, 1, 1])?;
+        let b = ckpt.values(&format!("{p}.bias"), &[out])?;
+        Ok(Linear::from_values(w, Some(b), out, inp, quant, device))
+    } else {
+        Linear::load(ckpt, p, out, inp, true, quant, device)
+    }
+}
+
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Linear>,
+}
+
+impl Resnet {
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        inp: usize,
+        out: usize,
+        c: &UNetConfig,
+        temb: usize,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let (g, eps) = (c.norm_num_groups, c.norm_eps);
+        Ok(Resnet {
+            norm1: GroupNorm::load(ckpt, &format!("{p}.norm1"), inp, g, eps, device)?,
+            conv1: Conv::load(ckpt, &format!("{p}.conv1"), out, inp, 1, device)?,
+            time_emb_proj: Linear::load(
+                ckpt,
+                &format!("{p}.time_emb_proj"),
+                out,
+                temb,
+                true,
+                quant.sensitive(),
+                device,
+            )?,
+            norm2: GroupNorm::load(ckpt, &format!("{p}.norm2"), out, g, eps, device)?,
+            conv2: Conv::load(ckpt, &format!("{p}.conv2"), out, out, 1, device)?,
+            shortcut: if inp != out {
+                Some(pointwise(
+                    ckpt,
+                    &format!("{p}.conv_shortcut"),
+                    out,
+                    inp,
+                    true,
+                    quant.sensitive(),
+                    device,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `x [B, C, H, W]`, `temb [B, 1, T]` (already through SiLU).
+    fn forward(&self, x: Tensor<4>, temb: &Tensor<3>) -> Tensor<4> {
+        let h = self.conv1.forward(self.norm1.forward(x.clone(), true));
+        let [b, c, _, _] = h.dims();
+        let t = self.time_emb_proj.forward(temb.clone()).reshape([b, c, 1, 1]);
+        let h = self.conv2.forward(self.norm2.forward(h + t, true));
+        let skip = match &self.shortcut {
+            Some(s) => {
+                let [b, ci, hh, ww] = x.dims();
+                let tokens = x.reshape([b, ci, hh * ww]).swap_dims(1, 2);
+                s.forward(tokens).swap_dims(1, 2).reshape([b, c, hh, ww])
+            }
+            None => x,
+        };
+        skip + h
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        dim: usize,
+        context: usize,
+        heads: usize,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(Attention {
+            q: Linear::load(ckpt, &format!("{p}.to_q"), dim, dim, false, quant, device)?,
+            k: Linear::load(ckpt, &format!("{p}.to_k"), dim, context, false, quant, device)?,
+            v: Linear::load(ckpt, &format!("{p}.to_v"), dim, context, false, quant, device)?,
+            out: Linear::load(ckpt, &format!("{p}.to_out.0"), dim, dim, true, quant, device)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
+        let (q, k, v) = (
+            self.q.forward(x),
+            self.k.forward(context.clone()),
+            self.v.forward(context),
+        );
+        let [b, s, d] = q.dims();
+        let skv = k.dims()[1];
+        let hd = d / self.heads;
+        let split = |t: Tensor<3>, n: usize| t.reshape([b, n, self.heads, hd]).swap_dims(1, 2);
+        let o = attention(split(q, s), split(k, skv), split(v, skv), (hd as f32).powf(-0.5));
+        self.out.forward(o.swap_dims(1, 2).reshape([b, s, d]))
+    }
+}
+
+/// `Transformer2DModel` with one `BasicTransformerBlock`.
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Linear,
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+    proj_out: Linear,
+}
+
+impl SpatialTransformer {
+    fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        dim: usize,
+        heads: usize,
+        c: &UNetConfig,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let conv = !c.use_linear_projection;
+        let b = format!("{p}.transformer_blocks.0");
+        let ln = |name: &str| LayerNorm::load(ckpt, &format!("{b}.{name}"), dim, 1e-5, device);
+        if heads == 0 || !dim.is_multiple_of(heads) {
+            return Err(ModelError::at(
+                ckpt.path(),
+                format!("{p}: {dim} channels do not split into {heads} heads"),
+            ));
+        }
+        Ok(SpatialTransformer {
+            norm: GroupNorm::load(ckpt, &format!("{p}.norm"), dim, c.norm_num_groups, 1e-6, device)?,
+            proj_in: pointwise(ckpt, &format!("{p}.proj_in"), dim, dim, conv, quant.sensitive(), device)?,
+            norm1: ln("norm1")?,
+            attn1: Attention::load(ckpt, &format!("{b}.attn1"), dim, dim, heads, quant.sensitive(), device)?,
+            norm2: ln("norm2")?,
+            attn2: Attention::load(
+                ckpt,
+                &format!("{b}.attn2"),
+                dim,
+                c.cross_attention_dim,
+                heads,
+                quant.sensitive(),
+                device,
+            )?,
+            norm3: ln("norm3")?,
+            ff_in: Linear::load(ckpt, &format!("{b}.ff.net.0.proj"), 8 * dim, dim, true, quant, device)?,
+            ff_out: Linear::load(ckpt, &format!("{b}.ff.net.2"), dim, 4 * dim, true, quant, device)?,
+            proj_out: pointwise(
+                ckpt,
+                &format!("{p}.proj_out"),
+                dim,
+                dim,
+                conv,
+                quant.sensitive(),
+                device,
+            )?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let tokens = self
+            .norm
+            .forward(x.clone(), false)
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
+        let mut t = self.proj_in.forward(tokens);
+        let n = self.norm1.forward(t.clone());
+        t = t + self.attn1.forward(n.clone(), n);
+        let cross = self.attn2.forward(self.norm2.forward(t.clone()), context.clone());
+        t = t + cross;
+        // GEGLU: the first half of the projection gated by GELU of the second.
+        let g = self.ff_in.forward(self.norm3.forward(t.clone()));
+        let hidden = 4 * c;
+        let (value, gate) = (
+            g.clone().slice([0..b, 0..h * w, 0..hidden]),
+            g.slice([0..b, 0..h * w, hidden..2 * hidden]),
+        );
+        t = t + self.ff_out.forward(value * gelu(gate, false));
+        let out = self.proj_out.forward(t).swap_dims(1, 2).reshape([b, c, h, w]);
+        out + x
+    }
+}
+
+struct Block {
+    resnets: Vec<Resnet>,
+    attentions: Vec<SpatialTransformer>,
+    /// Down blocks: a stride-2 conv; up blocks: nearest 2× then a conv.
+    sampler: Option<Conv>,
+}
+
+pub struct UNet {
+    pub config: UNetConfig,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    conv_in: Conv,
+    down: Vec<Block>,
+    mid: Option<(Resnet, SpatialTransformer, Resnet)>,
+    up: Vec<Block>,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl UNet {
+    /// Loads `dir/config.json` + `dir/diffusion_pytorch_model.safetensors` (or
+    /// `model.safetensors`): a diffusers `unet/` folder.
+    pub fn load(dir: &Path, quant: Quantization, device: &Device) -> Result<Self, ModelError> {
+        let config = UNetConfig::from_file(&dir.join("config.json"))?;
+        let weights = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .ok_or_else(|| ModelError::at(dir, "no diffusion_pytorch_model.safetensors or model.safetensors"))?;
+        Self::from_checkpoint(config, &Checkpoint::open(&weights)?, quant, device)
+    }
+
+    pub fn from_checkpoint(
+        config: UNetConfig,
+        ckpt: &Checkpoint,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        config.validate().map_err(|e| ModelError::at(ckpt.path(), e))?;
+        let c = &config;
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let temb = 4 * ch[0];
+        let mut down = Vec::new();
+        let mut skips = vec![ch[0]];
+        for i in 0..n {
+            let p = format!("down_blocks.{i}");
+            let attn = c.down_block_types[i] == "CrossAttnDownBlock2D";
+            let mut block = Block {
+                resnets: Vec::new(),
+                attentions: Vec::new(),
+                sampler: None,
+            };
+            for j in 0..c.layers_per_block {
+                let inp = if j == 0 {
+                    if i == 0 { ch[0] } else { ch[i - 1] }
+                } else {
+                    ch[i]
+                };
+                block.resnets.push(Resnet::load(
+                    ckpt,
+                    &format!("{p}.resnets.{j}"),
+                    inp,
+                    ch[i],
+                    c,
+                    temb,
+                    quant,
+                    device,
+                )?);
+                if attn {
+                    block.attentions.push(SpatialTransformer::load(
+                        ckpt,
+                        &format!("{p}.attentions.{j}"),
+                        ch[i],
+                        c.heads(i),
+                        c,
+                        quant,
+                        device,
+                    )?);
+                }
+                skips.push(ch[i]);
+            }
+            if i + 1 < n {
+                block.sampler = Some(Conv::load(
+                    ckpt,
+                    &format!("{p}.downsamplers.0.conv"),
+                    ch[i],
+                    ch[i],
+                    2,
+                    device,
+                )?);
+                skips.push(ch[i]);
+            }
+            down.push(block);
+        }
+        let last = ch[n - 1];
+        let mid = match c.mid_block_type {
+            Some(_) => Some((
+                Resnet::load(ckpt, "mid_block.resnets.0", last, last, c, temb, quant, device)?,
+                SpatialTransformer::load(ckpt, "mid_block.attentions.0", last, c.heads(n - 1), c, quant, device)?,
+                Resnet::load(ckpt, "mid_block.resnets.1", last, last, c, temb, quant, device)?,
+            )),
+            None => None,
+        };
+        let mut up = Vec::new();
+        let mut prev = last;
+        for i in 0..n {
+            let rev = n - 1 - i;
+            let out = ch[rev];
+            let p = format!("up_blocks.{i}");
+            let attn = c.up_block_types[i] == "CrossAttnUpBlock2D";
+            let mut block = Block {
+                resnets: Vec::new(),
+                attentions: Vec::new(),
+                sampler: None,
+            };
+            for j in 0..c.layers_per_block + 1 {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| ModelError("UNet skip connections do not add up".into()))?;
+                let inp = if j == 0 { prev } else { out } + skip;
+                block.resnets.push(Resnet::load(
+                    ckpt,
+                    &format!("{p}.resnets.{j}"),
+                    inp,
+                    out,
+                    c,
+                    temb,
+                    quant,
+                    device,
+                )?);
+                if attn {
+                    block.attentions.push(SpatialTransformer::load(
+                        ckpt,
+                        &format!("{p}.attentions.{j}"),
+                        out,
+                        c.heads(rev),
+                        c,
+                        quant,
+                        device,
+                    )?);
+                }
+            }
+            if i + 1 < n {
+                block.sampler = Some(Conv::load(
+                    ckpt,
+                    &format!("{p}.upsamplers.0.conv"),
+                    out,
+                    out,
+                    1,
+                    device,
+                )?);
+            }
+            up.push(block);
+            prev = out;
+        }
+        Ok(UNet {
+            time_linear_1: Linear::load(
+                ckpt,
+                "time_embedding.linear_1",
+                temb,
+                ch[0],
+                true,
+                Quantization::None,
+                device,
+            )?,
+            time_linear_2: Linear::load(
+                ckpt,
+                "time_embedding.linear_2",
+                temb,
+                temb,
+                true,
+                Quantization::None,
+                device,
+            )?,
+            conv_in: Conv::load(ckpt, "conv_in", ch[0], c.in_channels, 1, device)?,
+            down,
+            mid,
+            up,
+            norm_out: GroupNorm::load(ckpt, "conv_norm_out", ch[0], c.norm_num_groups, c.norm_eps, device)?,
+            conv_out: Conv::load(ckpt, "conv_out", c.out_channels, ch[0], 1, device)?,
+            config,
+        })
+    }
+
+    /// `get_timestep_embedding` for one timestep per batch row: `[B, 1, block_out_channels[0]]`.
+    fn timestep_embedding(&self, timesteps: &[f32], device: &Device) -> Tensor<3> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-(10000f32.ln()) * i as f32 / (half as f32 - self.config.freq_shift as f32)).exp())
+            .collect();
+        let mut values = Vec::with_capacity(timesteps.len() * dim);
+        for &t in timesteps {
+            let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+            let (sin, cos) = (args.iter().map(|a| a.sin()), args.iter().map(|a| a.cos()));
+            if self.config.flip_sin_to_cos {
+                values.extend(cos.chain(sin));
+            } else {
+                values.extend(sin.chain(cos));
+            }
+        }
+        Tensor::from_data(TensorData::new(values, [timesteps.len(), 1, dim]), device)
+    }
+
+    /// One evaluation: `sample [B, C, h, w]`, one timestep per row, text states `[B, S, D]` →
+    /// the predicted noise (or v) `[B, C, h, w]`.
+    pub fn forward(&self, sample: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Result<Tensor<4>, ModelError> {
+        let [b, c, h, w] = sample.dims();
+        let levels = self.config.block_out_channels.len();
+        let factor = 1 << (levels - 1);
+        if timesteps.len() != b || c != self.config.in_channels || h % factor != 0 || w % factor != 0 {
+            return Err(ModelError(format!(
+                "UNet input [{b}, {c}, {h}, {w}] with {} timesteps: needs one timestep per row, {} channels, sides divisible by {factor}",
+                timesteps.len(),
+                self.config.in_channels
+            )));
+        }
+        let [cb, _, cd] = context.dims();
+        if cb != b || cd != self.config.cross_attention_dim {
+            return Err(ModelError(format!(
+                "text states [{cb}, _, {cd}] do not fit a batch of {b} with cross_attention_dim {}",
+                self.config.cross_attention_dim
+            )));
+        }
+        let emb = self.timestep_embedding(timesteps, &sample.device());
+        let emb = self.time_linear_2.forward(silu(self.time_linear_1.forward(emb)));
+        // Every ResNet applies SiLU to the embedding before its projection: do it once.
+        let temb = silu(emb);
+        let mut x = self.conv_in.forward(sample);
+        let mut skips = vec![x.clone()];
+        for block in &self.down {
+            for (j, r) in block.resnets.iter().enumerate() {
+                x = r.forward(x, &temb);
+                if let Some(a) = block.attentions.get(j) {
+                    x = a.forward(x, &context);
+                }
+                skips.push(x.clone());
+            }
+            if let Some(down) = &block.sampler {
+                x = down.forward(x);
+                skips.push(x.clone());
+            }
+        }
+        if let Some((r1, a, r2)) = &self.mid {
+            x = r2.forward(a.forward(r1.forward(x, &temb), &context), &temb);
+        }
+        for block in &self.up {
+            for (j, r) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| ModelError("UNet skip connections do not add up".into()))?;
+                x = r.forward(Tensor::cat(vec![x, skip], 1), &temb);
+                if let Some(a) = block.attentions.get(j) {
+                    x = a.forward(x, &context);
+                }
+            }
+            if let Some(up) = &block.sampler {
+                x = up.forward(upsample_nearest2x(x));
+            }
+        }
+        Ok(self.conv_out.forward(self.norm_out.forward(x, true)))
+    }
+}
