@@ -250,8 +250,13 @@ impl Encoder {
         })
     }
 
-    fn forward(&self, mut x: Tensor<3>, causal: bool) -> Tensor<3> {
-        for layer in &self.layers {
+    fn forward(&self, x: Tensor<3>, causal: bool) -> Tensor<3> {
+        self.forward_layers(x, causal, self.layers.len())
+    }
+
+    /// The first `count` layers only (the hidden state a "CLIP skip" reads).
+    fn forward_layers(&self, mut x: Tensor<3>, causal: bool, count: usize) -> Tensor<3> {
+        for layer in self.layers.iter().take(count) {
             let h = layer.layer_norm1.forward(x.clone());
             x = x + self.self_attention(layer, h, causal);
             let h = layer.layer_norm2.forward(x.clone());
@@ -297,20 +302,124 @@ fn causal_mask(s: usize, device: &Device) -> Tensor<2> {
 
 // ---- Towers ----
 
+/// `ClipTextModel` from a transformers `CLIPTextConfig` file (flat: the text fields at the top
+/// level), as diffusers pipelines keep it in `text_encoder/config.json`.
+pub fn text_config_from_file(path: &Path) -> Result<ClipTextConfig, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::at(path, e))?;
+    let config: ClipTextConfig = serde_json::from_str(&text).map_err(|e| ModelError::at(path, e))?;
+    Activation::parse(&config.hidden_act).map_err(|e| ModelError::at(path, format!("hidden_act: {e}")))?;
+    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+        return Err(ModelError::at(
+            path,
+            "hidden_size is not a multiple of num_attention_heads",
+        ));
+    }
+    Ok(config)
+}
+
 pub struct ClipTextModel {
-    token_embedding: Tensor<2>,
+    /// `[vocab, D]` in host memory: a prompt reads 77 of its rows, and the whole table (152 MiB
+    /// for SD 1.5's encoder, 202 MiB for SD 2's) would not fit one storage binding on phones.
+    token_embedding: Vec<f32>,
+    vocab: usize,
+    width: usize,
     position_embedding: Tensor<2>,
     encoder: Encoder,
     final_layer_norm: LayerNorm,
-    projection: Linear,
+    /// Absent in a bare `CLIPTextModel` (Stable Diffusion's text encoder).
+    projection: Option<Linear>,
     eos_token_id: u32,
     context: usize,
 }
 
 impl ClipTextModel {
-    /// Embeddings (not normalised) of token-id rows, each as long as the context or shorter
-    /// (all rows the same length).
-    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<2>, ModelError> {
+    /// The text tower under `text_model.*`, with `text_projection` when `projection_dim` is given.
+    pub fn from_checkpoint(
+        t: &ClipTextConfig,
+        projection_dim: Option<usize>,
+        ckpt: &Checkpoint,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(ClipTextModel {
+            token_embedding: ckpt.values(
+                "text_model.embeddings.token_embedding.weight",
+                &[t.vocab_size, t.hidden_size],
+            )?,
+            vocab: t.vocab_size,
+            width: t.hidden_size,
+            position_embedding: ckpt.tensor(
+                "text_model.embeddings.position_embedding.weight",
+                [t.max_position_embeddings, t.hidden_size],
+                device,
+            )?,
+            encoder: Encoder::load(
+                ckpt,
+                "text_model.encoder",
+                t.num_hidden_layers,
+                t.hidden_size,
+                t.intermediate_size,
+                t.num_attention_heads,
+                &t.hidden_act,
+                t.layer_norm_eps,
+                quant.sensitive(),
+                device,
+            )?,
+            final_layer_norm: LayerNorm::load(
+                ckpt,
+                "text_model.final_layer_norm",
+                t.hidden_size,
+                t.layer_norm_eps,
+                device,
+            )?,
+            projection: match projection_dim {
+                Some(proj) => Some(Linear::load(
+                    ckpt,
+                    "text_projection",
+                    proj,
+                    t.hidden_size,
+                    false,
+                    quant.sensitive(),
+                    device,
+                )?),
+                None => None,
+            },
+            eos_token_id: t.eos_token_id,
+            context: t.max_position_embeddings,
+        })
+    }
+
+    /// Loads a diffusers `text_encoder/` folder (transformers `CLIPTextModel`: `config.json` +
+    /// `model.safetensors`).
+    pub fn load_text_encoder(dir: &Path, quant: Quantization, device: &Device) -> Result<Self, ModelError> {
+        let config = text_config_from_file(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(ModelError::at(
+                dir,
+                "no model.safetensors (transformers CLIPTextModel layout expected)",
+            ));
+        }
+        Self::from_checkpoint(&config, None, &Checkpoint::open(&weights)?, quant, device)
+    }
+
+    /// The per-token states Stable Diffusion conditions on: the output of all layers but the
+    /// last `skip` ("CLIP skip"; 0 = the last layer), through the final layer norm. `[B, S, D]`.
+    pub fn hidden_states(&self, ids: &[Vec<u32>], skip: usize) -> Result<Tensor<3>, ModelError> {
+        let x = self.embed(ids)?;
+        let layers = self.encoder.layers.len();
+        if skip >= layers {
+            return Err(ModelError(format!(
+                "CLIP skip {skip} leaves none of the {layers} layers"
+            )));
+        }
+        Ok(self
+            .final_layer_norm
+            .forward(self.encoder.forward_layers(x, true, layers - skip)))
+    }
+
+    /// Token + position embeddings `[B, S, D]` after checking the ids.
+    fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>, ModelError> {
         let batch = ids.len();
         let len = ids.first().map_or(0, Vec::len);
         if batch == 0 || len == 0 || len > self.context || ids.iter().any(|r| r.len() != len) {
@@ -319,18 +428,37 @@ impl ClipTextModel {
                 self.context
             )));
         }
-        let vocab = self.token_embedding.dims()[0] as u32;
+        let vocab = self.vocab as u32;
         if let Some(bad) = ids.iter().flatten().find(|&&t| t >= vocab) {
             return Err(ModelError(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        let device = self.token_embedding.device();
-        let flat: Vec<i32> = ids.iter().flatten().map(|&t| t as i32).collect();
-        let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), &device);
-        let d = self.token_embedding.dims()[1];
-        let x = self.token_embedding.clone().select(0, index).reshape([batch, len, d])
-            + self.position_embedding.clone().slice([0..len, 0..d]).unsqueeze::<3>();
+        let device = self.position_embedding.device();
+        let d = self.width;
+        let rows: Vec<f32> = ids
+            .iter()
+            .flatten()
+            .flat_map(|&t| {
+                self.token_embedding[t as usize * d..(t as usize + 1) * d]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        Ok(Tensor::<3>::from_data(TensorData::new(rows, [batch, len, d]), &device)
+            + self.position_embedding.clone().slice([0..len, 0..d]).unsqueeze::<3>())
+    }
+
+    /// Embeddings (not normalised) of token-id rows, each as long as the context or shorter
+    /// (all rows the same length).
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<2>, ModelError> {
+        let projection = self
+            .projection
+            .as_ref()
+            .ok_or_else(|| ModelError("this text encoder has no text_projection (a bare CLIPTextModel)".into()))?;
+        let x = self.embed(ids)?;
+        let [batch, len, d] = x.dims();
+        let device = x.device();
         let x = self.final_layer_norm.forward(self.encoder.forward(x, true));
         // transformers' rule: eos_token_id 2 (OpenAI's configs) pools at the highest id, which
         // is the end-of-text token; otherwise at the first end-of-text token.
@@ -350,7 +478,7 @@ impl ClipTextModel {
             .collect();
         let rows = Tensor::<1, Int>::from_data(TensorData::new(pooled, [batch]), &device);
         let pooled = x.reshape([batch * len, d]).select(0, rows).unsqueeze::<3>();
-        Ok(self.projection.forward(pooled).squeeze_dim::<2>(0))
+        Ok(projection.forward(pooled).squeeze_dim::<2>(0))
     }
 }
 
@@ -423,48 +551,7 @@ impl Clip {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let (t, v, proj) = (&config.text_config, &config.vision_config, config.projection_dim);
-        let text = ClipTextModel {
-            token_embedding: ckpt.tensor(
-                "text_model.embeddings.token_embedding.weight",
-                [t.vocab_size, t.hidden_size],
-                device,
-            )?,
-            position_embedding: ckpt.tensor(
-                "text_model.embeddings.position_embedding.weight",
-                [t.max_position_embeddings, t.hidden_size],
-                device,
-            )?,
-            encoder: Encoder::load(
-                ckpt,
-                "text_model.encoder",
-                t.num_hidden_layers,
-                t.hidden_size,
-                t.intermediate_size,
-                t.num_attention_heads,
-                &t.hidden_act,
-                t.layer_norm_eps,
-                quant.sensitive(),
-                device,
-            )?,
-            final_layer_norm: LayerNorm::load(
-                ckpt,
-                "text_model.final_layer_norm",
-                t.hidden_size,
-                t.layer_norm_eps,
-                device,
-            )?,
-            projection: Linear::load(
-                ckpt,
-                "text_projection",
-                proj,
-                t.hidden_size,
-                false,
-                quant.sensitive(),
-                device,
-            )?,
-            eos_token_id: t.eos_token_id,
-            context: t.max_position_embeddings,
-        };
+        let text = ClipTextModel::from_checkpoint(t, Some(proj), ckpt, quant, device)?;
         let (p, c) = (v.patch_size, v.num_channels);
         let positions = (v.image_size / p).pow(2) + 1;
         let patch = ckpt.values(
@@ -529,7 +616,8 @@ impl Clip {
             .encoder
             .linears()
             .chain(self.vision.encoder.linears())
-            .chain([&self.text.projection, &self.vision.projection]);
+            .chain(self.text.projection.iter())
+            .chain([&self.vision.projection]);
         all.fold((0, 0), |(now, f32), l| (now + l.bytes(), f32 + l.f32_bytes()))
     }
 }

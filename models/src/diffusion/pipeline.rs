@@ -1,0 +1,219 @@
+//! Text to image from a diffusers Stable Diffusion folder as published (`model_index.json`,
+//! `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`), step for step as diffusers'
+//! `StableDiffusionPipeline`: tokenize, encode (negative prompt first when guidance > 1), scale
+//! the initial latents, denoise with classifier-free guidance, decode, round to 8 bits.
+//!
+//! Memory plan: each model is loaded when its stage starts and dropped when it ends, so the
+//! text encoder, UNet and VAE never sit in memory together.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use image::RgbImage;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::scheduler::{Scheduler, SchedulerKind};
+use super::taesd::TinyDecoder;
+use super::unet::UNet;
+use super::vae::VaeDecoder;
+use crate::checkpoint::ModelError;
+use crate::clip::ClipTextModel;
+use crate::clip_tokenizer::ClipTokenizer;
+use crate::layers::Quantization;
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 runs the prompt alone (SD-Turbo uses 0).
+    pub guidance: f32,
+    /// Override the folder's scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    /// Initial latents `[1, 4, h/8, w/8]` instead of seeded noise (to reproduce a diffusers run).
+    pub latents: Option<Vec<f32>>,
+    pub width: usize,
+    pub height: usize,
+    /// UNet and text encoder weights; the VAE stays f32.
+    pub quant: Quantization,
+    /// Layers of the text encoder to skip from the end (SD 2.x's "penultimate layer" is 1).
+    pub clip_skip: usize,
+    /// Decode with this `AutoencoderTiny` (TAESD) folder instead of the pipeline's VAE.
+    pub taesd: Option<PathBuf>,
+}
+
+/// What one run produced, with each stage's wall time.
+pub struct Generated {
+    pub image: RgbImage,
+    pub timesteps: Vec<f32>,
+    pub encode_ms: f64,
+    pub denoise_ms: f64,
+    pub decode_ms: f64,
+    /// The device pool's high-water mark after each stage, if the backend reports it.
+    pub peak_mib: Vec<(String, f64)>,
+}
+
+/// Reads a `.npy` of f32 latents, checking its shape.
+pub fn read_latents(path: &Path, shape: [usize; 4]) -> Result<Vec<f32>, ModelError> {
+    let file = std::fs::File::open(path).map_err(|e| ModelError::at(path, e))?;
+    let npy = npyz::NpyFile::new(std::io::BufReader::new(file)).map_err(|e| ModelError::at(path, e))?;
+    let found: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    if found != shape {
+        return Err(ModelError::at(
+            path,
+            format!("latents have shape {found:?}, this run needs {shape:?}"),
+        ));
+    }
+    let values: Vec<f32> = npy
+        .into_vec::<f32>()
+        .map_err(|e| ModelError::at(path, format!("{e} (f32 latents expected)")))?;
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return Err(ModelError::at(path, format!("latents hold a non-finite value ({bad})")));
+    }
+    Ok(values)
+}
+
+fn sync(device: &Device) -> Result<(), ModelError> {
+    device.sync().map_err(|e| ModelError(format!("device failed: {e:?}")))
+}
+
+fn peak(device: &Device) -> Option<f64> {
+    device
+        .memory_pool_usage()
+        .map(|u| u.bytes_reserved as f64 / (1 << 20) as f64)
+}
+
+/// Standard normal values (Box–Muller over a seeded generator).
+fn seeded_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * a.cos()) as f32);
+        out.push((r * a.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+pub fn generate(dir: &Path, opts: &GenerateOptions, device: &Device) -> Result<Generated, ModelError> {
+    let index = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::at(&index, e))?;
+    let model_index: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::at(&index, e))?;
+    let class = model_index["_class_name"].as_str().unwrap_or("");
+    if !matches!(class, "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline") {
+        return Err(ModelError::at(
+            &index,
+            format!("_class_name {class:?}: a StableDiffusionPipeline folder is expected"),
+        ));
+    }
+    if !opts.width.is_multiple_of(8) || !opts.height.is_multiple_of(8) || opts.width == 0 || opts.height == 0 {
+        return Err(ModelError(format!(
+            "size {}x{} must be positive multiples of 8",
+            opts.width, opts.height
+        )));
+    }
+    let cfg = opts.guidance > 1.0;
+    let shape = [1, 4, opts.height / 8, opts.width / 8];
+    let n: usize = shape.iter().product();
+    let mut peak_mib = Vec::new();
+
+    // Stage 1: the prompt (and the negative prompt under guidance), then free the encoder.
+    let start = std::time::Instant::now();
+    let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(|e| ModelError(e.to_string()))?;
+    let pad = tokenizer.end_id();
+    let mut rows = Vec::new();
+    if cfg {
+        rows.push(tokenizer.encode_padded(&opts.negative_prompt, pad).0);
+    }
+    rows.push(tokenizer.encode_padded(&opts.prompt, pad).0);
+    let context = {
+        let encoder = ClipTextModel::load_text_encoder(&dir.join("text_encoder"), opts.quant, device)?;
+        let states = encoder.hidden_states(&rows, opts.clip_skip)?;
+        sync(device)?;
+        states
+    };
+    let encode_ms = start.elapsed().as_secs_f64() * 1e3;
+    peak_mib.extend(peak(device).map(|m| ("text encoder".to_string(), m)));
+
+    // Stage 2: denoise, then free the UNet.
+    let start = std::time::Instant::now();
+    let mut scheduler = Scheduler::from_file(&dir.join("scheduler/scheduler_config.json"), opts.scheduler)?;
+    scheduler.set_timesteps(opts.steps)?;
+    let initial = match &opts.latents {
+        Some(l) if l.len() != n => {
+            return Err(ModelError(format!(
+                "latents hold {} values, {shape:?} needs {n}",
+                l.len()
+            )));
+        }
+        Some(l) => l.clone(),
+        None => seeded_noise(opts.seed, n),
+    };
+    let mut latents = Tensor::<4>::from_data(TensorData::new(initial, shape), device) * scheduler.init_noise_sigma();
+    let mut draws = 0u64;
+    let timesteps = scheduler.timesteps().to_vec();
+    {
+        let unet = UNet::load(&dir.join("unet"), opts.quant, device)?;
+        for &t in &timesteps {
+            let x = scheduler.scale_model_input(latents.clone());
+            let (input, ts) = if cfg {
+                (Tensor::cat(vec![x.clone(), x], 0), vec![t, t])
+            } else {
+                (x, vec![t])
+            };
+            let out = unet.forward(input, &ts, context.clone())?;
+            let noise_pred = if cfg {
+                let [_, c, h, w] = out.dims();
+                let uncond = out.clone().slice([0..1, 0..c, 0..h, 0..w]);
+                let text = out.slice([1..2, 0..c, 0..h, 0..w]);
+                uncond.clone() + (text - uncond) * opts.guidance
+            } else {
+                out
+            };
+            let mut noise = || {
+                draws += 1;
+                let seed = opts.seed.wrapping_add(draws.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                Tensor::<4>::from_data(TensorData::new(seeded_noise(seed, n), shape), device)
+            };
+            latents = scheduler.step(noise_pred, latents, &mut noise)?;
+        }
+        sync(device)?;
+    }
+    drop(context);
+    let denoise_ms = start.elapsed().as_secs_f64() * 1e3;
+    peak_mib.extend(peak(device).map(|m| ("unet".to_string(), m)));
+
+    // Stage 3: decode to 8-bit RGB as diffusers' image processor does.
+    let start = std::time::Instant::now();
+    let image = match &opts.taesd {
+        Some(tiny) => TinyDecoder::load(tiny, device)?.decode(latents),
+        None => VaeDecoder::load(&dir.join("vae"), device)?.decode(latents),
+    };
+    let [_, _, h, w] = image.dims();
+    let pixels = (image / 2.0 + 0.5).clamp(0.0, 1.0).into_data();
+    let pixels: Vec<f32> = pixels
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| ModelError(format!("reading the image back: {e:?}")))?;
+    let plane = h * w;
+    let rgb: Vec<u8> = (0..plane)
+        .flat_map(|i| (0..3).map(move |c| (i, c)))
+        .map(|(i, c)| (pixels[c * plane + i] * 255.0).round() as u8)
+        .collect();
+    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    peak_mib.extend(peak(device).map(|m| ("decoder".to_string(), m)));
+    let image = RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| ModelError("image size mismatch".into()))?;
+    Ok(Generated {
+        image,
+        timesteps,
+        encode_ms,
+        denoise_ms,
+        decode_ms,
+        peak_mib,
+    })
+}
