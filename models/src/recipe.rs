@@ -74,3 +74,42 @@ pub fn write_checkpoint(
         .collect::<Result<Vec<_>, _>>()?;
     safetensors::serialize_to_file(views, None, path).map_err(|e| ModelError::at(path, format!("{e:?}")))
 }
+
+/// Builds a diffusers pipeline folder from a fixture made by `make_pipeline_fixture.py`: its
+/// `model_index.json` and component configs, recipe weights for every component its
+/// `reference.json` lists keys for, and the tokenizer from OpenAI's BPE list (`bpe`).
+pub fn write_diffusers_folder(
+    fixture: &std::path::Path,
+    bpe: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<(), crate::checkpoint::ModelError> {
+    use crate::checkpoint::ModelError;
+    fn io(p: &std::path::Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
+        move |e| ModelError::at(p, e)
+    }
+    let reference_path = fixture.join("reference.json");
+    let text = std::fs::read_to_string(&reference_path).map_err(io(&reference_path))?;
+    let reference: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::at(&reference_path, e))?;
+    std::fs::copy(fixture.join("model_index.json"), out.join("model_index.json")).map_err(io(fixture))?;
+    for (component, config, weights) in [
+        ("scheduler", "scheduler_config.json", None),
+        ("text_encoder", "config.json", Some("model.safetensors")),
+        ("unet", "config.json", Some("diffusion_pytorch_model.safetensors")),
+        ("vae", "config.json", Some("diffusion_pytorch_model.safetensors")),
+    ] {
+        let dir = out.join(component);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        std::fs::copy(fixture.join(component).join(config), dir.join(config)).map_err(io(&dir))?;
+        if let Some(weights) = weights {
+            let keys = reference["keys"][component]
+                .as_object()
+                .ok_or_else(|| ModelError::at(&reference_path, format!("no keys for {component}")))?;
+            write_checkpoint(&dir.join(weights), keys)?;
+        }
+    }
+    let tokenizer = out.join("tokenizer");
+    std::fs::create_dir_all(&tokenizer).map_err(io(&tokenizer))?;
+    crate::clip_tokenizer::ClipTokenizer::from_openai_bpe(bpe)
+        .and_then(|t| t.save_hf(&tokenizer))
+        .map_err(|e| ModelError(e.to_string()))
+}

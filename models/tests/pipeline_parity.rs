@@ -30,36 +30,10 @@ fn floats(name: &str) -> Vec<f32> {
 
 /// The pipeline folder as diffusers lays it out: the fixture's configs, recipe weights under each
 /// component's official keys, OpenAI's vocabulary as the tokenizer.
-fn pipeline_folder(reference: &serde_json::Value) -> tempfile::TempDir {
+fn pipeline_folder() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    std::fs::copy(fixture().join("model_index.json"), root.join("model_index.json")).unwrap();
-    for (component, config, weights) in [
-        ("scheduler", "scheduler_config.json", None),
-        ("text_encoder", "config.json", Some("model.safetensors")),
-        ("unet", "config.json", Some("diffusion_pytorch_model.safetensors")),
-        ("vae", "config.json", Some("diffusion_pytorch_model.safetensors")),
-    ] {
-        std::fs::create_dir_all(root.join(component)).unwrap();
-        std::fs::copy(
-            fixture().join(component).join(config),
-            root.join(component).join(config),
-        )
-        .unwrap();
-        if let Some(weights) = weights {
-            recipe::write_checkpoint(
-                &root.join(component).join(weights),
-                reference["keys"][component].as_object().unwrap(),
-            )
-            .unwrap();
-        }
-    }
     let bpe = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip/bpe_simple_vocab_16e6.txt.gz");
-    std::fs::create_dir_all(root.join("tokenizer")).unwrap();
-    ClipTokenizer::from_openai_bpe(&bpe)
-        .unwrap()
-        .save_hf(&root.join("tokenizer"))
-        .unwrap();
+    recipe::write_diffusers_folder(&fixture(), &bpe, dir.path()).unwrap();
     dir
 }
 
@@ -80,7 +54,7 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
 #[test]
 fn text_to_image_reproduces_diffusers() {
     let reference = reference();
-    let dir = pipeline_folder(&reference);
+    let dir = pipeline_folder();
     let device = &devices()[0].device;
 
     // The tokenizer and the text encoder, last layer and penultimate layer.

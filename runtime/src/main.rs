@@ -3,6 +3,8 @@
 mod bench;
 mod devices;
 mod embed;
+mod generate;
+mod png;
 mod segment;
 
 use std::process::ExitCode;
@@ -61,6 +63,8 @@ enum Command {
     },
     /// L2-normalised CLIP embeddings of images and texts.
     Embed(embed::EmbedArgs),
+    /// One image from a diffusers Stable Diffusion folder.
+    Generate(generate::GenerateArgs),
     /// SAM masks for point and box prompts on one image.
     Segment(segment::SegmentArgs),
     /// The sample stream to a host.
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         } => bench::run_models(&request, &args),
         Command::Embed(args) => embed::run(&request, &args),
         Command::Segment(args) => segment::run(&request, &args),
+        Command::Generate(args) => generate::run(&request, &args),
         Command::Stream {
             what: StreamCommand::Bench(args),
         } => divergen_runtime::stream::bench::run(&args),

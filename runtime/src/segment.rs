@@ -85,22 +85,6 @@ fn numbered(out: &Path, i: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 
-/// Writes beside the target and renames, so a failure never leaves a partial PNG.
-fn write_png(mask: &GrayImage, path: &Path) -> Result<(), String> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .suffix(".png")
-        .tempfile_in(dir)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    mask.write_to(&mut std::io::BufWriter::new(tmp.as_file()), image::ImageFormat::Png)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    tmp.persist(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(())
-}
-
 pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
     if args.points.is_empty() && args.bbox.is_none() {
         return Err("nothing to segment: give --point X,Y,LABEL and/or --box X0,Y0,X1,Y1".into());
@@ -149,7 +133,7 @@ pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
         let pixels: Vec<u8> = logits.iter().map(|&v| if v > 0.0 { 255 } else { 0 }).collect();
         let area = pixels.iter().filter(|&&p| p != 0).count();
         let mask = GrayImage::from_raw(w, h, pixels).ok_or("mask size does not match the image")?;
-        write_png(&mask, &path)?;
+        crate::png::write_atomically(&image::DynamicImage::ImageLuma8(mask), &path)?;
         written.push(serde_json::json!({ "file": path, "iou": iou, "area": area }));
     }
     if args.json {

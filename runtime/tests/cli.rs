@@ -312,3 +312,99 @@ fn segment_rejects_bad_prompts_and_broken_checkpoints_without_writing() {
     assert!(stderr(&out).contains("cut.safetensors"), "{}", stderr(&out));
     assert!(!out_png.exists(), "nothing written on failure");
 }
+
+#[test]
+fn generate_reproduces_the_diffusers_image_from_injected_latents() {
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures");
+    let fixture = models.join("diffusion/pipeline-sd15-small");
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("pipeline");
+    std::fs::create_dir_all(&pipeline).unwrap();
+    divergen_models::recipe::write_diffusers_folder(
+        &fixture,
+        &models.join("clip/bpe_simple_vocab_16e6.txt.gz"),
+        &pipeline,
+    )
+    .unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("reference.json")).unwrap()).unwrap();
+    let out_png = dir.path().join("mug.png");
+    let latents = fixture.join("latents.npy");
+    let out = divergen(&[
+        "generate",
+        "--diffusion",
+        pipeline.to_str().unwrap(),
+        "--prompt",
+        reference["prompt"].as_str().unwrap(),
+        "--negative",
+        reference["negative_prompt"].as_str().unwrap(),
+        "--steps",
+        "2",
+        "--guidance",
+        "7.5",
+        "--size",
+        "128x128",
+        "--latents",
+        latents.to_str().unwrap(),
+        "--out",
+        out_png.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["timesteps"], serde_json::json!([501.0, 1.0]));
+    let got = image::open(&out_png).unwrap().into_rgb8();
+    let want = image::open(fixture.join("reference.png")).unwrap().into_rgb8();
+    let worst = got
+        .as_raw()
+        .iter()
+        .zip(want.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "pixels differ from diffusers by up to {worst}");
+
+    // Latents of the wrong size, a bad size and a missing folder fail with the culprit named,
+    // and write nothing.
+    let bad_out = dir.path().join("none.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--diffusion",
+            pipeline.to_str().unwrap(),
+            "--prompt",
+            "a mug",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", bad_out.to_str().unwrap()]);
+        divergen(&args)
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = run(&["--latents", latents.to_str().unwrap(), "--size", "64x64"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("latents.npy"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["--size", "100x64"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("multiples of 8"),
+        "{}",
+        stderr(&o)
+    );
+    let o = divergen(&[
+        "generate",
+        "--diffusion",
+        "/nonexistent/sd",
+        "--prompt",
+        "x",
+        "--out",
+        bad_out.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("/nonexistent/sd"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!bad_out.exists());
+}
