@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::quant::{Int4Weights, Int8Weights};
-use divergen_kernels::{QuantizedWeight, gemm_bt, layer_norm, qgemm};
+use divergen_kernels::{QuantizedWeight, conv2d, gemm_bt, group_norm, layer_norm, qgemm};
 
 use crate::checkpoint::{Checkpoint, ModelError};
 
@@ -150,5 +150,72 @@ impl LayerNorm {
     /// Normalises the channels of an NCHW map (SAM's `LayerNorm2d`).
     pub(crate) fn forward_channels(&self, x: Tensor<4>) -> Tensor<4> {
         self.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
+    }
+}
+
+/// A square-kernel convolution, padding `k / 2` ("same" at stride 1), in f32.
+pub(crate) struct Conv2d {
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    stride: usize,
+}
+
+impl Conv2d {
+    /// `prefix.weight` `[out, inp, k, k]` and `prefix.bias` (zeros when `bias` is false).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(Conv2d {
+            weight: ckpt.tensor(&format!("{prefix}.weight"), [out, inp, k, k], device)?,
+            bias: if bias {
+                ckpt.tensor(&format!("{prefix}.bias"), [out], device)?
+            } else {
+                Tensor::zeros([out], device)
+            },
+            stride,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let pad = self.weight.dims()[2] / 2;
+        conv2d(x, self.weight.clone(), self.bias.clone(), self.stride, pad)
+    }
+}
+
+/// Group norm over NCHW maps, optionally fused with SiLU.
+pub(crate) struct GroupNorm {
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    groups: usize,
+    eps: f32,
+}
+
+impl GroupNorm {
+    pub(crate) fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(GroupNorm {
+            gamma: ckpt.tensor(&format!("{prefix}.weight"), [channels], device)?,
+            beta: ckpt.tensor(&format!("{prefix}.bias"), [channels], device)?,
+            groups,
+            eps: eps as f32,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        group_norm(x, self.gamma.clone(), self.beta.clone(), self.groups, self.eps, silu)
     }
 }

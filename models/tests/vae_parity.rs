@@ -20,11 +20,7 @@ fn fixture_of(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A diffusers `vae/` folder: the fixture's config and recipe weights under the official keys.
-fn vae_folder(reference: &serde_json::Value) -> tempfile::TempDir {
-    folder_of("vae-sd15", reference)
-}
-
+/// A diffusers decoder folder: the fixture's config and recipe weights under the official keys.
 fn folder_of(name: &str, reference: &serde_json::Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture_of(name).join("config.json"), dir.path().join("config.json")).unwrap();
@@ -36,11 +32,12 @@ fn folder_of(name: &str, reference: &serde_json::Value) -> tempfile::TempDir {
     dir
 }
 
-#[test]
-fn vae_decoder_matches_diffusers() {
+/// Decodes the fixture's latents with `decode` (a loader from a folder, on a device) on every
+/// device and compares with diffusers.
+fn check_decoder(name: &str, decode: impl Fn(&Path, Tensor<4>, &burn::tensor::Device) -> Tensor<4>) {
     let reference: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap();
-    let dir = vae_folder(&reference);
+        serde_json::from_slice(&std::fs::read(fixture_of(name).join("reference.json")).unwrap()).unwrap();
+    let dir = folder_of(name, &reference);
     let want: Vec<f32> = reference["image"]
         .as_array()
         .unwrap()
@@ -49,40 +46,32 @@ fn vae_decoder_matches_diffusers() {
         .collect();
     let latents = recipe::values("vae_latents", 4 * 8 * 8, 1.7, 0.0);
     for_each_device(|device, label| {
-        let vae = VaeDecoder::load(dir.path(), device).unwrap();
-        let image = vae.decode(Tensor::from_data(
-            TensorData::new(latents.clone(), [1, 4, 8, 8]),
+        let image = decode(
+            dir.path(),
+            Tensor::from_data(TensorData::new(latents.clone(), [1, 4, 8, 8]), device),
             device,
-        ));
+        );
         assert_eq!(image.dims(), [1, 3, 64, 64]);
         let err = relative_error(&to_vec(image), &want);
-        eprintln!("{label}: VAE decode relative error {err:.2e}");
-        assert!(err <= 1e-4, "{label}: VAE decode differs from diffusers by {err:.2e}");
+        eprintln!("{name} {label}: decode relative error {err:.2e}");
+        assert!(
+            err <= 1e-4,
+            "{name} {label}: decode differs from diffusers by {err:.2e}"
+        );
+    });
+}
+
+#[test]
+fn vae_decoder_matches_diffusers() {
+    check_decoder("vae-sd15", |dir, z, device| {
+        VaeDecoder::load(dir, device).unwrap().decode(z)
     });
 }
 
 #[test]
 fn taesd_decoder_matches_diffusers() {
-    let reference: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture_of("taesd").join("reference.json")).unwrap()).unwrap();
-    let dir = folder_of("taesd", &reference);
-    let want: Vec<f32> = reference["image"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    let latents = recipe::values("vae_latents", 4 * 8 * 8, 1.7, 0.0);
-    for_each_device(|device, label| {
-        let taesd = TinyDecoder::load(dir.path(), device).unwrap();
-        let image = taesd.decode(Tensor::from_data(
-            TensorData::new(latents.clone(), [1, 4, 8, 8]),
-            device,
-        ));
-        assert_eq!(image.dims(), [1, 3, 64, 64]);
-        let err = relative_error(&to_vec(image), &want);
-        eprintln!("{label}: TAESD decode relative error {err:.2e}");
-        assert!(err <= 1e-4, "{label}: TAESD decode differs from diffusers by {err:.2e}");
+    check_decoder("taesd", |dir, z, device| {
+        TinyDecoder::load(dir, device).unwrap().decode(z)
     });
 }
 

@@ -6,3 +6,17 @@ pub mod scheduler;
 pub mod taesd;
 pub mod unet;
 pub mod vae;
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::ModelError;
+
+/// The weights file of a diffusers component folder: `diffusion_pytorch_model.safetensors`
+/// (diffusers models) or `model.safetensors` (transformers models).
+pub(crate) fn component_weights(dir: &Path) -> Result<PathBuf, ModelError> {
+    ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists())
+        .ok_or_else(|| ModelError::at(dir, "no diffusion_pytorch_model.safetensors or model.safetensors"))
+}

@@ -6,10 +6,11 @@ use std::path::Path;
 
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
-use divergen_kernels::{conv2d, upsample_nearest2x};
+use divergen_kernels::upsample_nearest2x;
 use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, ModelError};
+use crate::layers::Conv2d as Conv;
 
 /// The fields of an `AutoencoderTiny` `config.json` the decoder reads, with diffusers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -42,37 +43,6 @@ impl Default for AutoencoderTinyConfig {
     }
 }
 
-struct Conv {
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-}
-
-impl Conv {
-    fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        out: usize,
-        inp: usize,
-        k: usize,
-        bias: bool,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        Ok(Conv {
-            weight: ckpt.tensor(&format!("{p}.weight"), [out, inp, k, k], device)?,
-            bias: if bias {
-                ckpt.tensor(&format!("{p}.bias"), [out], device)?
-            } else {
-                Tensor::zeros([out], device)
-            },
-        })
-    }
-
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let pad = self.weight.dims()[2] / 2;
-        conv2d(x, self.weight.clone(), self.bias.clone(), 1, pad)
-    }
-}
-
 // Two dozen layers built once: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
 enum Layer {
@@ -96,11 +66,7 @@ impl TinyDecoder {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::at(&path, e))?;
         let config: AutoencoderTinyConfig = serde_json::from_str(&text).map_err(|e| ModelError::at(&path, e))?;
-        let weights = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.exists())
-            .ok_or_else(|| ModelError::at(dir, "no diffusion_pytorch_model.safetensors or model.safetensors"))?;
+        let weights = super::component_weights(dir)?;
         Self::from_checkpoint(config, &Checkpoint::open(&weights)?, device).map_err(|e| {
             if e.0.contains(&weights.display().to_string()) {
                 e
@@ -135,7 +101,7 @@ impl TinyDecoder {
         };
         let first = c.decoder_block_out_channels[0];
         let mut layers = vec![Layer::Conv(
-            Conv::load(ckpt, &next(), first, c.latent_channels, 3, true, device)?,
+            Conv::load(ckpt, &next(), first, c.latent_channels, 3, 1, true, device)?,
             true,
         )];
         next(); // ReLU
@@ -148,7 +114,7 @@ impl TinyDecoder {
         {
             for _ in 0..blocks {
                 let p = next();
-                let conv = |j: usize| Conv::load(ckpt, &format!("{p}.conv.{j}"), ch, ch, 3, true, device);
+                let conv = |j: usize| Conv::load(ckpt, &format!("{p}.conv.{j}"), ch, ch, 3, 1, true, device);
                 layers.push(Layer::Block([conv(0)?, conv(2)?, conv(4)?]));
             }
             let last = i + 1 == stages;
@@ -157,7 +123,10 @@ impl TinyDecoder {
                 layers.push(Layer::Upsample);
             }
             let out = if last { c.out_channels } else { ch };
-            layers.push(Layer::Conv(Conv::load(ckpt, &next(), out, ch, 3, last, device)?, false));
+            layers.push(Layer::Conv(
+                Conv::load(ckpt, &next(), out, ch, 3, 1, last, device)?,
+                false,
+            ));
         }
         Ok(TinyDecoder { config, layers })
     }

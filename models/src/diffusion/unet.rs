@@ -12,11 +12,11 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use divergen_kernels::{attention, conv2d, gelu, group_norm, silu, upsample_nearest2x};
+use divergen_kernels::{attention, gelu, silu, upsample_nearest2x};
 use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, ModelError};
-use crate::layers::{LayerNorm, Linear, Quantization};
+use crate::layers::{Conv2d as Conv, GroupNorm, LayerNorm, Linear, Quantization};
 
 /// `attention_head_dim` / `num_attention_heads`: one value for all blocks or one per block.
 #[derive(Clone, Debug, Deserialize)]
@@ -174,62 +174,6 @@ impl UNetConfig {
     }
 }
 
-struct Conv {
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-    stride: usize,
-}
-
-impl Conv {
-    fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        out: usize,
-        inp: usize,
-        stride: usize,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        Ok(Conv {
-            weight: ckpt.tensor(&format!("{p}.weight"), [out, inp, 3, 3], device)?,
-            bias: ckpt.tensor(&format!("{p}.bias"), [out], device)?,
-            stride,
-        })
-    }
-
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(x, self.weight.clone(), self.bias.clone(), self.stride, 1)
-    }
-}
-
-struct GroupNorm {
-    gamma: Tensor<1>,
-    beta: Tensor<1>,
-    groups: usize,
-    eps: f32,
-}
-
-impl GroupNorm {
-    fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        c: usize,
-        groups: usize,
-        eps: f64,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        Ok(GroupNorm {
-            gamma: ckpt.tensor(&format!("{p}.weight"), [c], device)?,
-            beta: ckpt.tensor(&format!("{p}.bias"), [c], device)?,
-            groups,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
-        group_norm(x, self.gamma.clone(), self.beta.clone(), self.groups, self.eps, silu)
-    }
-}
-
 /// A 1×1 convolution or a linear layer (checkpoints store either), as a linear layer.
 fn pointwise(
     ckpt: &Checkpoint,
@@ -273,7 +217,7 @@ impl Resnet {
         let (g, eps) = (c.norm_num_groups, c.norm_eps);
         Ok(Resnet {
             norm1: GroupNorm::load(ckpt, &format!("{p}.norm1"), inp, g, eps, device)?,
-            conv1: Conv::load(ckpt, &format!("{p}.conv1"), out, inp, 1, device)?,
+            conv1: Conv::load(ckpt, &format!("{p}.conv1"), out, inp, 3, 1, true, device)?,
             time_emb_proj: Linear::load(
                 ckpt,
                 &format!("{p}.time_emb_proj"),
@@ -284,7 +228,7 @@ impl Resnet {
                 device,
             )?,
             norm2: GroupNorm::load(ckpt, &format!("{p}.norm2"), out, g, eps, device)?,
-            conv2: Conv::load(ckpt, &format!("{p}.conv2"), out, out, 1, device)?,
+            conv2: Conv::load(ckpt, &format!("{p}.conv2"), out, out, 3, 1, true, device)?,
             shortcut: if inp != out {
                 Some(pointwise(
                     ckpt,
@@ -473,11 +417,7 @@ impl UNet {
     /// `model.safetensors`): a diffusers `unet/` folder.
     pub fn load(dir: &Path, quant: Quantization, device: &Device) -> Result<Self, ModelError> {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        let weights = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.exists())
-            .ok_or_else(|| ModelError::at(dir, "no diffusion_pytorch_model.safetensors or model.safetensors"))?;
+        let weights = super::component_weights(dir)?;
         Self::from_checkpoint(config, &Checkpoint::open(&weights)?, quant, device)
     }
 
@@ -532,14 +472,8 @@ impl UNet {
                 skips.push(ch[i]);
             }
             if i + 1 < n {
-                block.sampler = Some(Conv::load(
-                    ckpt,
-                    &format!("{p}.downsamplers.0.conv"),
-                    ch[i],
-                    ch[i],
-                    2,
-                    device,
-                )?);
+                let name = format!("{p}.downsamplers.0.conv");
+                block.sampler = Some(Conv::load(ckpt, &name, ch[i], ch[i], 3, 2, true, device)?);
                 skips.push(ch[i]);
             }
             down.push(block);
@@ -593,14 +527,8 @@ impl UNet {
                 }
             }
             if i + 1 < n {
-                block.sampler = Some(Conv::load(
-                    ckpt,
-                    &format!("{p}.upsamplers.0.conv"),
-                    out,
-                    out,
-                    1,
-                    device,
-                )?);
+                let name = format!("{p}.upsamplers.0.conv");
+                block.sampler = Some(Conv::load(ckpt, &name, out, out, 3, 1, true, device)?);
             }
             up.push(block);
             prev = out;
@@ -624,12 +552,12 @@ impl UNet {
                 Quantization::None,
                 device,
             )?,
-            conv_in: Conv::load(ckpt, "conv_in", ch[0], c.in_channels, 1, device)?,
+            conv_in: Conv::load(ckpt, "conv_in", ch[0], c.in_channels, 3, 1, true, device)?,
             down,
             mid,
             up,
             norm_out: GroupNorm::load(ckpt, "conv_norm_out", ch[0], c.norm_num_groups, c.norm_eps, device)?,
-            conv_out: Conv::load(ckpt, "conv_out", c.out_channels, ch[0], 1, device)?,
+            conv_out: Conv::load(ckpt, "conv_out", c.out_channels, ch[0], 3, 1, true, device)?,
             config,
         })
     }

@@ -8,11 +8,11 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
-use divergen_kernels::{attention, conv2d, gemm, gemm_bt, group_norm, softmax, upsample_nearest2x};
+use divergen_kernels::{attention, gemm, gemm_bt, softmax, upsample_nearest2x};
 use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, ModelError};
-use crate::layers::{Linear, Quantization};
+use crate::layers::{Conv2d as Conv, GroupNorm, Linear, Quantization};
 
 /// The fields of an `AutoencoderKL` `config.json` the decoder reads, with diffusers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -73,53 +73,6 @@ impl AutoencoderKlConfig {
     }
 }
 
-struct Conv {
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-    padding: usize,
-}
-
-impl Conv {
-    fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        k: usize,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        Ok(Conv {
-            weight: ckpt.tensor(&format!("{prefix}.weight"), [out, inp, k, k], device)?,
-            bias: ckpt.tensor(&format!("{prefix}.bias"), [out], device)?,
-            padding: k / 2,
-        })
-    }
-
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(x, self.weight.clone(), self.bias.clone(), 1, self.padding)
-    }
-}
-
-struct GroupNorm {
-    gamma: Tensor<1>,
-    beta: Tensor<1>,
-    groups: usize,
-}
-
-impl GroupNorm {
-    fn load(ckpt: &Checkpoint, prefix: &str, c: usize, groups: usize, device: &Device) -> Result<Self, ModelError> {
-        Ok(GroupNorm {
-            gamma: ckpt.tensor(&format!("{prefix}.weight"), [c], device)?,
-            beta: ckpt.tensor(&format!("{prefix}.bias"), [c], device)?,
-            groups,
-        })
-    }
-
-    fn forward(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
-        group_norm(x, self.gamma.clone(), self.beta.clone(), self.groups, 1e-6, silu)
-    }
-}
-
 struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv,
@@ -138,12 +91,21 @@ impl ResnetBlock {
         device: &Device,
     ) -> Result<Self, ModelError> {
         Ok(ResnetBlock {
-            norm1: GroupNorm::load(ckpt, &format!("{p}.norm1"), inp, groups, device)?,
-            conv1: Conv::load(ckpt, &format!("{p}.conv1"), out, inp, 3, device)?,
-            norm2: GroupNorm::load(ckpt, &format!("{p}.norm2"), out, groups, device)?,
-            conv2: Conv::load(ckpt, &format!("{p}.conv2"), out, out, 3, device)?,
+            norm1: GroupNorm::load(ckpt, &format!("{p}.norm1"), inp, groups, 1e-6, device)?,
+            conv1: Conv::load(ckpt, &format!("{p}.conv1"), out, inp, 3, 1, true, device)?,
+            norm2: GroupNorm::load(ckpt, &format!("{p}.norm2"), out, groups, 1e-6, device)?,
+            conv2: Conv::load(ckpt, &format!("{p}.conv2"), out, out, 3, 1, true, device)?,
             shortcut: if inp != out {
-                Some(Conv::load(ckpt, &format!("{p}.conv_shortcut"), out, inp, 1, device)?)
+                Some(Conv::load(
+                    ckpt,
+                    &format!("{p}.conv_shortcut"),
+                    out,
+                    inp,
+                    1,
+                    1,
+                    true,
+                    device,
+                )?)
             } else {
                 None
             },
@@ -179,7 +141,7 @@ impl SelfAttention {
         };
         let linear = |name: &str| Linear::load(ckpt, &format!("{p}.{name}"), c, c, true, Quantization::None, device);
         Ok(SelfAttention {
-            norm: GroupNorm::load(ckpt, &format!("{p}.group_norm"), c, groups, device)?,
+            norm: GroupNorm::load(ckpt, &format!("{p}.group_norm"), c, groups, 1e-6, device)?,
             q: linear(q)?,
             k: linear(k)?,
             v: linear(v)?,
@@ -233,11 +195,7 @@ impl VaeDecoder {
     /// `model.safetensors`): a diffusers `vae/` folder.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let config = AutoencoderKlConfig::from_file(&dir.join("config.json"))?;
-        let weights = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.exists())
-            .ok_or_else(|| ModelError::at(dir, "no diffusion_pytorch_model.safetensors or model.safetensors"))?;
+        let weights = super::component_weights(dir)?;
         Self::from_checkpoint(config, &Checkpoint::open(&weights)?, device)
     }
 
@@ -267,14 +225,8 @@ impl VaeDecoder {
                 })
                 .collect::<Result<_, _>>()?;
             let upsample = if i + 1 < channels.len() {
-                Some(Conv::load(
-                    ckpt,
-                    &format!("{p}.upsamplers.0.conv"),
-                    out,
-                    out,
-                    3,
-                    device,
-                )?)
+                let name = format!("{p}.upsamplers.0.conv");
+                Some(Conv::load(ckpt, &name, out, out, 3, 1, true, device)?)
             } else {
                 None
             };
@@ -283,11 +235,11 @@ impl VaeDecoder {
         }
         Ok(VaeDecoder {
             post_quant_conv: if config.use_post_quant_conv {
-                Some(Conv::load(ckpt, "post_quant_conv", lc, lc, 1, device)?)
+                Some(Conv::load(ckpt, "post_quant_conv", lc, lc, 1, 1, true, device)?)
             } else {
                 None
             },
-            conv_in: Conv::load(ckpt, "decoder.conv_in", top, lc, 3, device)?,
+            conv_in: Conv::load(ckpt, "decoder.conv_in", top, lc, 3, 1, true, device)?,
             mid_resnet1: ResnetBlock::load(ckpt, "decoder.mid_block.resnets.0", top, top, g, device)?,
             mid_attention: if config.mid_block_add_attention {
                 Some(SelfAttention::load(
@@ -302,8 +254,8 @@ impl VaeDecoder {
             },
             mid_resnet2: ResnetBlock::load(ckpt, "decoder.mid_block.resnets.1", top, top, g, device)?,
             up_blocks,
-            norm_out: GroupNorm::load(ckpt, "decoder.conv_norm_out", prev, g, device)?,
-            conv_out: Conv::load(ckpt, "decoder.conv_out", config.out_channels, prev, 3, device)?,
+            norm_out: GroupNorm::load(ckpt, "decoder.conv_norm_out", prev, g, 1e-6, device)?,
+            conv_out: Conv::load(ckpt, "decoder.conv_out", config.out_channels, prev, 3, 1, true, device)?,
             config,
         })
     }
