@@ -59,7 +59,11 @@ fn check(name: &str) {
     let first = devices()[0].label.clone();
     for_each_device(|device, label| {
         let formats: &[(Quantization, Option<f32>)] = if label == first {
-            &[(Quantization::None, None), (Quantization::Int8, Some(0.999))]
+            &[
+                (Quantization::None, None),
+                (Quantization::Int8, Some(0.999)),
+                (Quantization::Int4, Some(0.999)),
+            ]
         } else {
             &[(Quantization::None, None)]
         };

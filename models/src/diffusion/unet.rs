@@ -5,9 +5,11 @@
 //! text, GEGLU feed-forward) and stride-2 downsampling; an optional cross-attention mid block;
 //! up blocks that concatenate the skips; group norm, SiLU, `conv_out`.
 //!
-//! Linear layers (attention projections, feed-forward, 1×1 projections, time embedding) go
-//! through `Linear` and are quantized at load like the other models; 3×3 convolutions, group
-//! norms and attention run through our kernels in f32.
+//! Linear layers go through `Linear` and are quantized at load: int8 everywhere with
+//! `Quantization::Int8`; with `Int4` the GEGLU feed-forwards (the largest linear weights) take
+//! int4 and attention, projections and the time path stay int8 (measured on the parity fixtures,
+//! output cosine to f32: int8 0.99998, int4 0.99975). The time embedding MLP stays f32. 3×3
+//! convolutions, group norms and attention run through our kernels in f32.
 
 use std::path::Path;
 
