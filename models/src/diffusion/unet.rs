@@ -395,6 +395,7 @@ impl SpatialTransformer {
     }
 }
 
+#[derive(Default)]
 struct Block {
     resnets: Vec<Resnet>,
     attentions: Vec<SpatialTransformer>,
@@ -439,11 +440,7 @@ impl UNet {
         for i in 0..n {
             let p = format!("down_blocks.{i}");
             let attn = c.down_block_types[i] == "CrossAttnDownBlock2D";
-            let mut block = Block {
-                resnets: Vec::new(),
-                attentions: Vec::new(),
-                sampler: None,
-            };
+            let mut block = Block::default();
             for j in 0..c.layers_per_block {
                 let inp = if j == 0 {
                     if i == 0 { ch[0] } else { ch[i - 1] }
@@ -496,11 +493,7 @@ impl UNet {
             let out = ch[rev];
             let p = format!("up_blocks.{i}");
             let attn = c.up_block_types[i] == "CrossAttnUpBlock2D";
-            let mut block = Block {
-                resnets: Vec::new(),
-                attentions: Vec::new(),
-                sampler: None,
-            };
+            let mut block = Block::default();
             for j in 0..c.layers_per_block + 1 {
                 let skip = skips
                     .pop()
