@@ -1,6 +1,7 @@
 //! The Stable Diffusion family: schedulers and the VAE decoder so far; the UNet and the text
 //! encoder wiring come next.
 
+pub mod mix;
 pub mod pipeline;
 pub mod scheduler;
 pub mod taesd;
