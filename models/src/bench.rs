@@ -1,6 +1,7 @@
 //! `divergen bench models`: the real models at full size (random weights from the recipe) on a
 //! device, in f32, int8 and int4: CLIP ViT-B/32 image embeddings per second, SAM ViT-B and
-//! MobileSAM encoder and decoder milliseconds, weights and peak device memory.
+//! MobileSAM encoder and decoder milliseconds, SD-Turbo's UNet step and the VAE/TAESD decodes,
+//! weights and peak device memory.
 
 use std::time::Instant;
 
@@ -9,6 +10,9 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, ModelError};
 use crate::clip::{Clip, ClipConfig};
+use crate::diffusion::taesd::{AutoencoderTinyConfig, TinyDecoder};
+use crate::diffusion::unet::{PerBlock, UNet, UNetConfig};
+use crate::diffusion::vae::{AutoencoderKlConfig, VaeDecoder};
 use crate::layers::Quantization;
 use crate::sam::{Point, PointLabel, Prompt, Sam, SamConfig};
 
@@ -17,16 +21,32 @@ pub enum BenchModel {
     ClipVitB32,
     SamVitB,
     MobileSam,
+    /// SD-Turbo's UNet (SD 2.1-base shapes), one step without guidance.
+    SdTurboUnet,
+    /// Stable Diffusion's VAE decoder (f32 only).
+    SdVae,
+    /// TAESD, the fast decoder (f32 only).
+    Taesd,
 }
 
 impl BenchModel {
-    pub const ALL: [BenchModel; 3] = [BenchModel::ClipVitB32, BenchModel::SamVitB, BenchModel::MobileSam];
+    pub const ALL: [BenchModel; 6] = [
+        BenchModel::ClipVitB32,
+        BenchModel::SamVitB,
+        BenchModel::MobileSam,
+        BenchModel::SdTurboUnet,
+        BenchModel::SdVae,
+        BenchModel::Taesd,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             BenchModel::ClipVitB32 => "clip-vit-b-32",
             BenchModel::SamVitB => "sam-vit-b",
             BenchModel::MobileSam => "mobile-sam",
+            BenchModel::SdTurboUnet => "sd-turbo-unet",
+            BenchModel::SdVae => "sd-vae",
+            BenchModel::Taesd => "taesd",
         }
     }
 }
@@ -57,6 +77,8 @@ pub struct ModelBenchOptions {
     pub runs: usize,
     /// CLIP images per batch.
     pub clip_batch: usize,
+    /// Image sides for the diffusion models (the latents are 1/8 of them).
+    pub sd_sizes: Vec<usize>,
 }
 
 fn mib(bytes: usize) -> f64 {
@@ -128,6 +150,45 @@ pub fn run(
                     let stage = format!("vision tower, batch of {n} at {size}²");
                     record(stage, timing, n, clip.linear_bytes().0);
                 }
+                BenchModel::SdTurboUnet => {
+                    let config = UNetConfig {
+                        block_out_channels: vec![320, 640, 1280, 1280],
+                        attention_head_dim: PerBlock::Each(vec![5, 10, 20, 20]),
+                        cross_attention_dim: 1024,
+                        use_linear_projection: true,
+                        ..UNetConfig::default()
+                    };
+                    let unet = UNet::from_checkpoint(config, &ckpt, quant, device)?;
+                    let context = bench_tensor::<3>([1, 77, 1024], device);
+                    for &side in &options.sd_sizes {
+                        let latents = bench_tensor::<4>([1, 4, side / 8, side / 8], device);
+                        let timing = time(device, options.runs, || {
+                            unet.forward(latents.clone(), &[999.0], context.clone())
+                        })?;
+                        record(
+                            format!("one step at {side}² (latents {0}²)", side / 8),
+                            timing,
+                            1,
+                            unet.linear_bytes(),
+                        );
+                    }
+                }
+                BenchModel::SdVae | BenchModel::Taesd => {
+                    if quant != Quantization::None {
+                        continue; // the decoders stay f32
+                    }
+                    for &side in &options.sd_sizes {
+                        let latents = bench_tensor::<4>([1, 4, side / 8, side / 8], device);
+                        let timing = if model == BenchModel::SdVae {
+                            let vae = VaeDecoder::from_checkpoint(sd_vae_config(), &ckpt, device)?;
+                            time(device, options.runs, || vae.decode(latents.clone()))?
+                        } else {
+                            let taesd = TinyDecoder::from_checkpoint(AutoencoderTinyConfig::default(), &ckpt, device)?;
+                            time(device, options.runs, || taesd.decode(latents.clone()))?
+                        };
+                        record(format!("decode to {side}²"), timing, 1, 0);
+                    }
+                }
                 BenchModel::SamVitB | BenchModel::MobileSam => {
                     let config = if model == BenchModel::SamVitB {
                         SamConfig::vit_b()
@@ -167,8 +228,22 @@ pub fn run(
 }
 
 fn bench_pixels(shape: [usize; 4], device: &Device) -> Tensor<4> {
+    bench_tensor(shape, device)
+}
+
+fn bench_tensor<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     let values = crate::recipe::values("bench_pixels", shape.iter().product(), 2.0, 0.0);
     Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Stable Diffusion 1.x/2.x's VAE (`vae/config.json` of the published pipelines).
+fn sd_vae_config() -> AutoencoderKlConfig {
+    AutoencoderKlConfig {
+        block_out_channels: vec![128, 256, 512, 512],
+        layers_per_block: 2,
+        up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+        ..AutoencoderKlConfig::default()
+    }
 }
 
 pub fn markdown(cases: &[ModelBenchCase]) -> String {

@@ -102,7 +102,8 @@ fn today() -> String {
 
 #[derive(Args)]
 pub struct ModelBenchArgs {
-    /// Models to run: clip-vit-b-32, sam-vit-b, mobile-sam (default: all).
+    /// Models to run: clip-vit-b-32, sam-vit-b, mobile-sam, sd-turbo-unet, sd-vae, taesd
+    /// (default: all).
     #[arg(long, value_delimiter = ',')]
     model: Vec<String>,
     /// Weight formats: none, int8, int4 (default: all three).
@@ -114,6 +115,9 @@ pub struct ModelBenchArgs {
     /// CLIP images per batch.
     #[arg(long, default_value_t = 8)]
     clip_batch: usize,
+    /// Image sides for the diffusion models (UNet step, VAE and TAESD decodes).
+    #[arg(long, value_delimiter = ',', default_value = "256,512")]
+    sd_size: Vec<usize>,
     /// One JSON object per case on stdout (JSON lines) instead of a table.
     #[arg(long)]
     json: bool,
@@ -131,10 +135,11 @@ pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), 
         args.model
             .iter()
             .map(|m| {
-                BenchModel::ALL
-                    .into_iter()
-                    .find(|b| b.name() == m)
-                    .ok_or_else(|| format!("--model {m:?}: unknown (clip-vit-b-32, sam-vit-b or mobile-sam)"))
+                BenchModel::ALL.into_iter().find(|b| b.name() == m).ok_or_else(|| {
+                    format!(
+                        "--model {m:?}: unknown (clip-vit-b-32, sam-vit-b, mobile-sam, sd-turbo-unet, sd-vae or taesd)"
+                    )
+                })
             })
             .collect::<Result<_, _>>()?
     };
@@ -154,6 +159,11 @@ pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), 
     if args.runs == 0 || args.clip_batch == 0 {
         return Err("--runs and --clip-batch must be at least 1".into());
     }
+    if args.sd_size.iter().any(|&s| s == 0 || !s.is_multiple_of(64)) {
+        return Err(
+            "--sd-size: sides must be positive multiples of 64 (the UNet halves the latents three times)".into(),
+        );
+    }
     let device = open(request).map_err(|e| e.to_string())?;
     log::info!("benchmarking models on {}", device.describe());
     let bar = ProgressBar::new_spinner()
@@ -165,6 +175,7 @@ pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), 
         quants,
         runs: args.runs,
         clip_batch: args.clip_batch,
+        sd_sizes: args.sd_size.clone(),
     };
     let cases = run(&device.device, &options, |c| {
         if args.json {

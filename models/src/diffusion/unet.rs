@@ -557,6 +557,29 @@ impl UNet {
         })
     }
 
+    /// Bytes held by the linear layers after quantization.
+    pub fn linear_bytes(&self) -> usize {
+        let resnet = |r: &Resnet| r.time_emb_proj.bytes() + r.shortcut.as_ref().map_or(0, Linear::bytes);
+        let transformer = |t: &SpatialTransformer| {
+            let attn = |a: &Attention| [&a.q, &a.k, &a.v, &a.out].iter().map(|l| l.bytes()).sum::<usize>();
+            [&t.proj_in, &t.ff_in, &t.ff_out, &t.proj_out]
+                .iter()
+                .map(|l| l.bytes())
+                .sum::<usize>()
+                + attn(&t.attn1)
+                + attn(&t.attn2)
+        };
+        let blocks =
+            self.down.iter().chain(&self.up).map(|b| {
+                b.resnets.iter().map(resnet).sum::<usize>() + b.attentions.iter().map(transformer).sum::<usize>()
+            });
+        let mid = self
+            .mid
+            .as_ref()
+            .map_or(0, |(r1, a, r2)| resnet(r1) + transformer(a) + resnet(r2));
+        self.time_linear_1.bytes() + self.time_linear_2.bytes() + blocks.sum::<usize>() + mid
+    }
+
     /// `get_timestep_embedding` for one timestep per batch row: `[B, 1, block_out_channels[0]]`.
     fn timestep_embedding(&self, timesteps: &[f32], device: &Device) -> Tensor<3> {
         let dim = self.config.block_out_channels[0];
