@@ -1,7 +1,8 @@
 """The models `divergen bench models` times, in PyTorch CPU and ONNX Runtime CPU, on the same
 machine in the same sitting: CLIP ViT-B/32's vision tower (batch 8 at 224²), SAM ViT-B's and
 MobileSAM's image encoders at 1024² and their prompt encoder + mask decoder (four corner points,
-three masks). Random weights at full size, like ours. f32 everywhere; int8 as each runtime's own
+three masks), SD-Turbo's UNet (one step at 256² and 512²) and the SD VAE / TAESD decodes. Random
+weights at full size, like ours. f32 everywhere; int8 as each runtime's own
 dynamic int8 on linear layers (PyTorch `quantize_dynamic` on nn.Linear, ONNX Runtime
 `quantize_dynamic` on MatMul/Gemm). Neither has a CPU int4 path for these models, so no int4 row.
 
@@ -20,8 +21,10 @@ import tempfile
 import time
 import warnings
 
-CASES = [(m, rt, q) for m in ("clip-vit-b-32", "sam-vit-b", "mobile-sam")
-         for rt in ("pytorch", "onnxruntime") for q in ("none", "int8")]
+CASES = [(m, rt, q) for m in ("clip-vit-b-32", "sam-vit-b", "mobile-sam", "sd-turbo-unet")
+         for rt in ("pytorch", "onnxruntime") for q in ("none", "int8")] + [
+    (m, "pytorch", "none") for m in ("sd-vae", "taesd")]
+SD_SIDES = (256, 512)
 
 
 def build(model):
@@ -51,6 +54,64 @@ def build(model):
     return sam.image_encoder, (sam, SamOnnxModel), torch.randn(1, 3, 1024, 1024)
 
 
+def run_diffusion(model, runtime, quant, runs, threads):
+    """SD-Turbo's UNet (SD 2.1-base shapes) one step per side; the VAE and TAESD decodes."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    torch.set_num_threads(threads)
+    if model == "sd-turbo-unet":
+        net = UNet2DConditionModel(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
+                                   cross_attention_dim=1024, use_linear_projection=True, sample_size=64).eval()
+
+        class Step(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = net
+
+            def forward(self, latents, t, context):
+                return self.net(latents, t, encoder_hidden_states=context).sample
+
+        module = Step().eval()
+        if quant == "int8" and runtime == "pytorch":
+            module = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+    elif model == "sd-vae":
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4).eval()
+        module = lambda z: vae.decode(z).sample
+    else:
+        tiny = AutoencoderTiny().eval()
+        module = lambda z: tiny.decode(z).sample
+    for side in SD_SIDES:
+        z = torch.randn(1, 4, side // 8, side // 8)
+        if model == "sd-turbo-unet":
+            args = (z, torch.tensor([999.0]), torch.randn(1, 77, 1024))
+        else:
+            args = (z,)
+        if runtime == "pytorch":
+            with torch.no_grad():
+                first, median = timed(lambda: module(*args), runs)
+        else:
+            import onnxruntime as ort
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "unet.onnx")
+                # Over 2 GB: the weights go to external data files beside the graph.
+                torch.onnx.export(module, args, path, input_names=["latents", "t", "context"], opset_version=17)
+                if quant == "int8":
+                    quantize_dynamic(path, path + ".q", weight_type=QuantType.QInt8,
+                                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+                    path = path + ".q"
+                sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+                feed = {"latents": args[0].numpy(), "t": args[1].numpy(), "context": args[2].numpy()}
+                first, median = timed(lambda: sess.run(None, feed), runs)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(dict(model=model, runtime=runtime, quant=quant, stage=f"{side}", first_ms=first,
+                              median_ms=median, per_second=1e3 / median, peak_rss_mib=rss, threads=threads,
+                              torch=torch.__version__)), flush=True)
+
+
 def decoder_inputs(torch):
     c = 1023.0
     return dict(
@@ -76,6 +137,8 @@ def timed(fn, runs):
 
 
 def run_case(model, runtime, quant, runs, threads):
+    if model in ("sd-turbo-unet", "sd-vae", "taesd"):
+        return run_diffusion(model, runtime, quant, runs, threads)
     import torch
     torch.set_num_threads(threads)
     encoder, sam, x = build(model)
