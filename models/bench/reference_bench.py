@@ -9,6 +9,7 @@ dynamic int8 on linear layers (PyTorch `quantize_dynamic` on nn.Linear, ONNX Run
 Run by hand in the reference environment (never in CI):
     source ~/.cache/divergen-refenv/venv/bin/activate
     python models/bench/reference_bench.py [--runs 3] [--threads 2] > reference.jsonl
+(DIVERGEN_SD_SIDES=256 limits the diffusion cases to 256².)
 Each case runs in its own process so its peak RSS is its own; one JSON line per case.
 """
 import argparse
@@ -24,7 +25,7 @@ import warnings
 CASES = [(m, rt, q) for m in ("clip-vit-b-32", "sam-vit-b", "mobile-sam", "sd-turbo-unet")
          for rt in ("pytorch", "onnxruntime") for q in ("none", "int8")] + [
     (m, "pytorch", "none") for m in ("sd-vae", "taesd")]
-SD_SIDES = (256, 512)
+SD_SIDES = tuple(int(v) for v in os.environ.get("DIVERGEN_SD_SIDES", "256,512").split(","))
 
 
 def build(model):
