@@ -169,7 +169,7 @@ pub fn run(
                             format!("one step at {side}² (latents {0}²)", side / 8),
                             timing,
                             1,
-                            unet.linear_bytes(),
+                            unet.weight_bytes().0,
                         );
                     }
                 }

@@ -153,15 +153,27 @@ impl LayerNorm {
     }
 }
 
-/// A square-kernel convolution, padding `k / 2` ("same" at stride 1), in f32.
+/// A square-kernel convolution, padding `k / 2` ("same" at stride 1): f32 through our conv
+/// kernel, or with quantized weights as an im2col GEMM through `qgemm`.
 pub(crate) struct Conv2d {
-    weight: Tensor<4>,
-    bias: Tensor<1>,
+    kernel: ConvKernel,
     stride: usize,
+    k: usize,
+}
+
+// One per layer, built once.
+#[allow(clippy::large_enum_variant)]
+enum ConvKernel {
+    Dense {
+        weight: Tensor<4>,
+        bias: Tensor<1>,
+    },
+    /// `[out, inp·k·k]` with the bias: the convolution over unfolded patches.
+    Quantized(Linear),
 }
 
 impl Conv2d {
-    /// `prefix.weight` `[out, inp, k, k]` and `prefix.bias` (zeros when `bias` is false).
+    /// `prefix.weight` `[out, inp, k, k]` and `prefix.bias` (zeros when `bias` is false), f32.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn load(
         ckpt: &Checkpoint,
@@ -173,20 +185,85 @@ impl Conv2d {
         bias: bool,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Ok(Conv2d {
-            weight: ckpt.tensor(&format!("{prefix}.weight"), [out, inp, k, k], device)?,
-            bias: if bias {
-                ckpt.tensor(&format!("{prefix}.bias"), [out], device)?
-            } else {
-                Tensor::zeros([out], device)
-            },
-            stride,
-        })
+        Self::load_quantized(ckpt, prefix, out, inp, k, stride, bias, Quantization::None, device)
+    }
+
+    /// As [`Conv2d::load`], with the weights quantized when `quant` asks for it (stride-1
+    /// kernels only; strided ones stay f32).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn load_quantized(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+        quant: Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let bias_values = if bias {
+            ckpt.values(&format!("{prefix}.bias"), &[out])?
+        } else {
+            vec![0.0; out]
+        };
+        let weight = ckpt.values(&format!("{prefix}.weight"), &[out, inp, k, k])?;
+        let kernel = if quant == Quantization::None || stride != 1 {
+            ConvKernel::Dense {
+                weight: Tensor::from_data(TensorData::new(weight, [out, inp, k, k]), device),
+                bias: Tensor::from_data(TensorData::new(bias_values, [out]), device),
+            }
+        } else {
+            ConvKernel::Quantized(Linear::from_values(
+                weight,
+                Some(bias_values),
+                out,
+                inp * k * k,
+                quant,
+                device,
+            ))
+        };
+        Ok(Conv2d { kernel, stride, k })
     }
 
     pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let pad = self.weight.dims()[2] / 2;
-        conv2d(x, self.weight.clone(), self.bias.clone(), self.stride, pad)
+        let pad = self.k / 2;
+        match &self.kernel {
+            ConvKernel::Dense { weight, bias } => conv2d(x, weight.clone(), bias.clone(), self.stride, pad),
+            ConvKernel::Quantized(linear) => {
+                let [b, c, h, w] = x.dims();
+                let k = self.k;
+                let device = x.device();
+                let mut padded = x;
+                if pad > 0 {
+                    let rows = Tensor::zeros([b, c, pad, w], &device);
+                    padded = Tensor::cat(vec![rows.clone(), padded, rows], 2);
+                    let cols = Tensor::zeros([b, c, h + 2 * pad, pad], &device);
+                    padded = Tensor::cat(vec![cols.clone(), padded, cols], 3);
+                }
+                // Patches in the weight's (channel, row, column) order.
+                let taps: Vec<Tensor<4>> = (0..k * k)
+                    .map(|t| padded.clone().slice([0..b, 0..c, t / k..t / k + h, t % k..t % k + w]))
+                    .collect();
+                let patches = Tensor::stack::<5>(taps, 2)
+                    .reshape([b, c * k * k, h * w])
+                    .swap_dims(1, 2);
+                let y = linear.forward(patches);
+                let out = y.dims()[2];
+                y.swap_dims(1, 2).reshape([b, out, h, w])
+            }
+        }
+    }
+
+    /// Bytes the weights hold on the device, and what they would hold in f32.
+    pub(crate) fn weight_bytes(&self) -> (usize, usize) {
+        match &self.kernel {
+            ConvKernel::Dense { weight, bias } => {
+                let n = (weight.shape().num_elements() + bias.shape().num_elements()) * 4;
+                (n, n)
+            }
+            ConvKernel::Quantized(l) => (l.bytes(), l.f32_bytes()),
+        }
     }
 }
 

@@ -7,9 +7,10 @@
 //!
 //! Linear layers go through `Linear` and are quantized at load: int8 everywhere with
 //! `Quantization::Int8`; with `Int4` the GEGLU feed-forwards (the largest linear weights) take
-//! int4 and attention, projections and the time path stay int8 (measured on the parity fixtures,
-//! output cosine to f32: int8 0.99998, int4 0.99975). The time embedding MLP stays f32. 3×3
-//! convolutions, group norms and attention run through our kernels in f32.
+//! int4 and attention, projections and the time path stay int8. The stride-1 3×3 convolutions of
+//! the ResNets and upsamplers (about two thirds of the UNet's weights) take int8 under either,
+//! as an im2col GEMM through `qgemm`; `conv_in`, `conv_out` and the strided downsamplers stay
+//! f32, as do the time embedding MLP, group norms and attention.
 
 use std::path::Path;
 
@@ -219,7 +220,17 @@ impl Resnet {
         let (g, eps) = (c.norm_num_groups, c.norm_eps);
         Ok(Resnet {
             norm1: GroupNorm::load(ckpt, &format!("{p}.norm1"), inp, g, eps, device)?,
-            conv1: Conv::load(ckpt, &format!("{p}.conv1"), out, inp, 3, 1, true, device)?,
+            conv1: Conv::load_quantized(
+                ckpt,
+                &format!("{p}.conv1"),
+                out,
+                inp,
+                3,
+                1,
+                true,
+                quant.sensitive(),
+                device,
+            )?,
             time_emb_proj: Linear::load(
                 ckpt,
                 &format!("{p}.time_emb_proj"),
@@ -230,7 +241,17 @@ impl Resnet {
                 device,
             )?,
             norm2: GroupNorm::load(ckpt, &format!("{p}.norm2"), out, g, eps, device)?,
-            conv2: Conv::load(ckpt, &format!("{p}.conv2"), out, out, 3, 1, true, device)?,
+            conv2: Conv::load_quantized(
+                ckpt,
+                &format!("{p}.conv2"),
+                out,
+                out,
+                3,
+                1,
+                true,
+                quant.sensitive(),
+                device,
+            )?,
             shortcut: if inp != out {
                 Some(pointwise(
                     ckpt,
@@ -523,7 +544,17 @@ impl UNet {
             }
             if i + 1 < n {
                 let name = format!("{p}.upsamplers.0.conv");
-                block.sampler = Some(Conv::load(ckpt, &name, out, out, 3, 1, true, device)?);
+                block.sampler = Some(Conv::load_quantized(
+                    ckpt,
+                    &name,
+                    out,
+                    out,
+                    3,
+                    1,
+                    true,
+                    quant.sensitive(),
+                    device,
+                )?);
             }
             up.push(block);
             prev = out;
@@ -557,27 +588,36 @@ impl UNet {
         })
     }
 
-    /// Bytes held by the linear layers after quantization.
-    pub fn linear_bytes(&self) -> usize {
-        let resnet = |r: &Resnet| r.time_emb_proj.bytes() + r.shortcut.as_ref().map_or(0, Linear::bytes);
-        let transformer = |t: &SpatialTransformer| {
-            let attn = |a: &Attention| [&a.q, &a.k, &a.v, &a.out].iter().map(|l| l.bytes()).sum::<usize>();
-            [&t.proj_in, &t.ff_in, &t.ff_out, &t.proj_out]
-                .iter()
-                .map(|l| l.bytes())
-                .sum::<usize>()
-                + attn(&t.attn1)
-                + attn(&t.attn2)
+    /// Bytes held by the linear and convolution weights: `(now, in f32)`, i.e. after and
+    /// before quantization.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let lin = |l: &Linear| (l.bytes(), l.f32_bytes());
+        let conv = |c: &Conv| c.weight_bytes();
+        let mut parts = vec![lin(&self.time_linear_1), lin(&self.time_linear_2)];
+        parts.extend([conv(&self.conv_in), conv(&self.conv_out)]);
+        let resnet = |parts: &mut Vec<(usize, usize)>, r: &Resnet| {
+            parts.extend([conv(&r.conv1), conv(&r.conv2), lin(&r.time_emb_proj)]);
+            parts.extend(r.shortcut.iter().map(lin));
         };
-        let blocks =
-            self.down.iter().chain(&self.up).map(|b| {
-                b.resnets.iter().map(resnet).sum::<usize>() + b.attentions.iter().map(transformer).sum::<usize>()
-            });
-        let mid = self
-            .mid
-            .as_ref()
-            .map_or(0, |(r1, a, r2)| resnet(r1) + transformer(a) + resnet(r2));
-        self.time_linear_1.bytes() + self.time_linear_2.bytes() + blocks.sum::<usize>() + mid
+        let transformer = |parts: &mut Vec<(usize, usize)>, t: &SpatialTransformer| {
+            for l in [&t.proj_in, &t.ff_in, &t.ff_out, &t.proj_out] {
+                parts.push(lin(l));
+            }
+            for a in [&t.attn1, &t.attn2] {
+                parts.extend([&a.q, &a.k, &a.v, &a.out].map(lin));
+            }
+        };
+        for b in self.down.iter().chain(&self.up) {
+            b.resnets.iter().for_each(|r| resnet(&mut parts, r));
+            b.attentions.iter().for_each(|t| transformer(&mut parts, t));
+            parts.extend(b.sampler.iter().map(conv));
+        }
+        if let Some((r1, a, r2)) = &self.mid {
+            resnet(&mut parts, r1);
+            transformer(&mut parts, a);
+            resnet(&mut parts, r2);
+        }
+        parts.iter().fold((0, 0), |(now, f32), (n, f)| (now + n, f32 + f))
     }
 
     /// `get_timestep_embedding` for one timestep per batch row: `[B, 1, block_out_channels[0]]`.
