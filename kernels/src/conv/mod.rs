@@ -184,6 +184,19 @@ fn conv_params(client: &burn::cubecl::client::Client, s: &ConvShape) -> burn::cu
     )
 }
 
+/// The three operands, checked to be f32 and made contiguous for the shaders' flat indexing.
+fn contiguous_f32(
+    x: CubeTensor,
+    weight: CubeTensor,
+    bias: CubeTensor,
+    op: &str,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    for t in [&x, &weight, &bias] {
+        assert_eq!(t.dtype, DType::F32, "{op}: f32 only, got {:?}", t.dtype);
+    }
+    (into_contiguous(x), into_contiguous(weight), into_contiguous(bias))
+}
+
 pub(crate) fn launch_conv2d(
     x: CubeTensor,
     weight: CubeTensor,
@@ -191,10 +204,7 @@ pub(crate) fn launch_conv2d(
     stride: usize,
     pad: usize,
 ) -> CubeTensor {
-    for t in [&x, &weight, &bias] {
-        assert_eq!(t.dtype, DType::F32, "conv2d: f32 only, got {:?}", t.dtype);
-    }
-    let (x, weight, bias) = (into_contiguous(x), into_contiguous(weight), into_contiguous(bias));
+    let (x, weight, bias) = contiguous_f32(x, weight, bias, "conv2d");
     let s = ConvShape::of(&dims(&x), &dims(&weight), stride, pad);
     assert_eq!(
         dims(&bias).iter().product::<usize>(),
@@ -250,10 +260,7 @@ pub(crate) fn launch_depthwise(
     stride: usize,
     pad: usize,
 ) -> CubeTensor {
-    for t in [&x, &weight, &bias] {
-        assert_eq!(t.dtype, DType::F32, "depthwise conv2d: f32 only, got {:?}", t.dtype);
-    }
-    let (x, weight, bias) = (into_contiguous(x), into_contiguous(weight), into_contiguous(bias));
+    let (x, weight, bias) = contiguous_f32(x, weight, bias, "depthwise conv2d");
     let s = depthwise_shape(&dims(&x), &dims(&weight), stride, pad);
     assert_eq!(
         dims(&bias).iter().product::<usize>(),
