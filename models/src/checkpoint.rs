@@ -149,6 +149,15 @@ impl Checkpoint {
         keys
     }
 
+    /// Bytes the tensors take once loaded as f32, from the header alone: what a memory plan
+    /// budgets for before loading.
+    pub fn f32_bytes(&self) -> u64 {
+        self.keys()
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>() as u64 * 4)
+            .sum()
+    }
+
     fn missing(&self, key: &str, shape: &[usize]) -> ModelError {
         ModelError::at(&self.path, format!("missing tensor {key} (expected shape {shape:?})"))
     }

@@ -1,3 +1,4 @@
 //! The device side of divergen. The `divergen` binary is a thin CLI over this library.
 
+pub mod pipeline;
 pub mod stream;

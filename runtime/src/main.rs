@@ -5,6 +5,7 @@ mod devices;
 mod embed;
 mod generate;
 mod png;
+mod run;
 mod segment;
 
 use std::process::ExitCode;
@@ -65,6 +66,11 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// One image from a diffusers Stable Diffusion folder.
     Generate(generate::GenerateArgs),
+    /// DiverGen's four stages end to end: generate, annotate (SAM-background), filter (CLIP),
+    /// paste onto real images; writes the dataset, the instance pool and a manifest.
+    Run(run::RunArgs),
+    /// PNGs of a finished run: contact sheets, CLIP score histogram, outlined samples.
+    Report(run::ReportArgs),
     /// SAM masks for point and box prompts on one image.
     Segment(segment::SegmentArgs),
     /// The sample stream to a host.
@@ -107,6 +113,8 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed::run(&request, &args),
         Command::Segment(args) => segment::run(&request, &args),
         Command::Generate(args) => generate::run(&request, &args),
+        Command::Run(args) => run::run(&request, &args),
+        Command::Report(args) => run::report(&args),
         Command::Stream {
             what: StreamCommand::Bench(args),
         } => divergen_runtime::stream::bench::run(&args),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 
-use super::pipeline::{GenerateOptions, Generated, generate};
+use super::pipeline::{GenerateOptions, Generated, StableDiffusion, generate};
 use super::scheduler::SchedulerKind;
 use crate::checkpoint::ModelError;
 use crate::layers::Quantization;
@@ -119,21 +119,34 @@ impl GeneratorMix {
         picks
     }
 
-    /// Runs generator `index` on one prompt and returns the image with its record.
-    pub fn generate(
+    /// Generator `index` as a batch generator with its settings, loading nothing yet.
+    pub fn open(
+        &self,
+        index: usize,
+        quant: Quantization,
+        device: &burn::tensor::Device,
+    ) -> Result<StableDiffusion, ModelError> {
+        let g = self.get(index)?;
+        StableDiffusion::open(&g.folder, &self.options(index, "", "", 0, quant)?, device)
+            .map_err(|e| ModelError(format!("generator {:?}: {e}", g.id)))
+    }
+
+    fn get(&self, index: usize) -> Result<&GeneratorSpec, ModelError> {
+        self.generators
+            .get(index)
+            .ok_or_else(|| ModelError(format!("no generator {index} in a mix of {}", self.generators.len())))
+    }
+
+    fn options(
         &self,
         index: usize,
         prompt: &str,
         negative_prompt: &str,
         seed: u64,
         quant: Quantization,
-        device: &burn::tensor::Device,
-    ) -> Result<(Generated, GenerationRecord), ModelError> {
-        let g = self
-            .generators
-            .get(index)
-            .ok_or_else(|| ModelError(format!("no generator {index} in a mix of {}", self.generators.len())))?;
-        let options = GenerateOptions {
+    ) -> Result<GenerateOptions, ModelError> {
+        let g = self.get(index)?;
+        Ok(GenerateOptions {
             prompt: prompt.into(),
             negative_prompt: negative_prompt.into(),
             steps: g.steps,
@@ -146,7 +159,21 @@ impl GeneratorMix {
             quant,
             clip_skip: g.clip_skip,
             taesd: g.taesd.clone(),
-        };
+        })
+    }
+
+    /// Runs generator `index` on one prompt and returns the image with its record.
+    pub fn generate(
+        &self,
+        index: usize,
+        prompt: &str,
+        negative_prompt: &str,
+        seed: u64,
+        quant: Quantization,
+        device: &burn::tensor::Device,
+    ) -> Result<(Generated, GenerationRecord), ModelError> {
+        let options = self.options(index, prompt, negative_prompt, seed, quant)?;
+        let g = self.get(index)?;
         let out = generate(&g.folder, &options, device)?;
         let record = GenerationRecord {
             generator_id: g.id.clone(),

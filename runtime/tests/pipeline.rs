@@ -1,0 +1,326 @@
+//! `divergen run` end to end on small random-weight models on lavapipe: a two-family generator
+//! mix (DDIM + VAE with guidance, Euler + TAESD without), a tiny SAM, a 2-layer CLIP ViT-B/32, a
+//! synthetic LVIS-style real dataset. Checks the outputs' invariants and determinism by seed.
+
+use std::path::{Path, PathBuf};
+
+use divergen_kernels::testing::devices;
+use divergen_models::clip_tokenizer::ClipTokenizer;
+use divergen_models::recipe;
+use divergen_runtime::pipeline::config::RunConfig;
+use divergen_runtime::pipeline::{self, Destination, InstanceRecord};
+use image::{Rgb, RgbImage};
+
+fn models_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures")
+}
+
+/// Model folders and a real dataset, written once per test binary.
+fn world() -> &'static Path {
+    static WORLD: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    WORLD
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            build_world(dir.path());
+            dir
+        })
+        .path()
+}
+
+fn keys(path: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    match v.get("keys") {
+        Some(k) => k.as_object().unwrap().clone(),
+        None => v.as_object().unwrap().clone(),
+    }
+}
+
+fn build_world(root: &Path) {
+    let fx = models_fixtures();
+    let bpe = fx.join("clip/bpe_simple_vocab_16e6.txt.gz");
+    let sd = root.join("sd15-small");
+    std::fs::create_dir_all(&sd).unwrap();
+    recipe::write_diffusers_folder(&fx.join("diffusion/pipeline-sd15-small"), &bpe, &sd).unwrap();
+    let taesd = root.join("taesd");
+    std::fs::create_dir_all(&taesd).unwrap();
+    std::fs::copy(fx.join("diffusion/taesd/config.json"), taesd.join("config.json")).unwrap();
+    recipe::write_checkpoint(
+        &taesd.join("diffusion_pytorch_model.safetensors"),
+        &keys(&fx.join("diffusion/taesd/reference.json")),
+    )
+    .unwrap();
+    let tiny_sam = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sam-keys.json");
+    recipe::write_checkpoint(&root.join("sam.safetensors"), &keys(&tiny_sam)).unwrap();
+    let clip = root.join("clip");
+    std::fs::create_dir_all(&clip).unwrap();
+    let clip_fx = fx.join("clip/vit-b-32-2layer");
+    std::fs::copy(clip_fx.join("config.json"), clip.join("config.json")).unwrap();
+    recipe::write_checkpoint(&clip.join("model.safetensors"), &keys(&clip_fx.join("reference.json"))).unwrap();
+    ClipTokenizer::from_openai_bpe(&bpe).unwrap().save_hf(&clip).unwrap();
+
+    // Three categories; 1 and 2 have real instances, 3 (an "ImageNet extra") has none.
+    std::fs::write(
+        root.join("categories.json"),
+        r#"[
+          {"id": 1, "name": "red_box", "def": "a box painted red", "synset": "box.n.01", "frequency": "f"},
+          {"id": 2, "name": "blue_ball", "def": "a round blue toy", "synset": "ball.n.01", "frequency": "c"},
+          {"id": 3, "name": "tench", "def": "a freshwater fish", "synset": "tench.n.01", "frequency": "r"}
+        ]"#,
+    )
+    .unwrap();
+    std::fs::write(root.join("area.json"), r#"{"0": [0.3, 0.05], "1": [0.2, 0.05]}"#).unwrap();
+    std::fs::create_dir_all(root.join("bank")).unwrap();
+    std::fs::write(
+        root.join("bank/2.txt"),
+        "A photo of a blue ball, in a white background\nAn image of a small blue ball, in a white background\n",
+    )
+    .unwrap();
+
+    // Real images: a textured background with a red rectangle (category 1) and a blue triangle
+    // (category 2), LVIS-style (no file_name, only coco_url).
+    let images = root.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut entries = Vec::new();
+    let mut anns = Vec::new();
+    for i in 0..3u32 {
+        let (w, h) = (96, 72);
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            let t = ((x * 7 + y * 3 + i * 11) % 40) as u8;
+            if (10 + i * 5..50 + i * 5).contains(&x) && (10..40).contains(&y) {
+                Rgb([200, 30 + t, 30])
+            } else if x > 55 && y > 30 && (x - 55) < (y - 30) {
+                Rgb([30, 40, 200 - t])
+            } else {
+                Rgb([120 + t, 120, 110 + t])
+            }
+        });
+        let name = format!("{:012}.jpg", i + 1);
+        img.save(images.join(&name)).unwrap();
+        entries.push(serde_json::json!({
+            "id": i + 1, "width": w, "height": h,
+            "coco_url": format!("http://images.cocodataset.org/train2017/{name}"),
+            "neg_category_ids": [3], "not_exhaustive_category_ids": []
+        }));
+        let (x0, x1) = (10 + i * 5, 50 + i * 5);
+        anns.push(serde_json::json!({
+            "id": 10 * i + 1, "image_id": i + 1, "category_id": 1,
+            "segmentation": [[x0, 10, x1, 10, x1, 40, x0, 40]], "iscrowd": 0
+        }));
+        anns.push(serde_json::json!({
+            "id": 10 * i + 2, "image_id": i + 1, "category_id": 2,
+            "segmentation": [[56, 31, 56, 71, 95, 71]], "iscrowd": 0
+        }));
+    }
+    std::fs::write(
+        root.join("instances.json"),
+        serde_json::to_vec(&serde_json::json!({"images": entries, "annotations": anns, "categories": []})).unwrap(),
+    )
+    .unwrap();
+}
+
+fn config_text(extra: &str) -> String {
+    format!(
+        r#"
+seed = 7
+device_id = "test-device"
+{extra}
+
+[categories]
+table = "categories.json"
+area_stats = "area.json"
+
+[generation]
+images_per_category = 2
+batch = 3
+prompt_sources = ["template", "bank", "grammar"]
+prompt_bank = "bank"
+grammar_prompts = 4
+quant = "none"
+
+[[generation.generators]]
+id = "sd-ddim-vae"
+folder = "sd15-small"
+scheduler = "ddim"
+steps = 1
+guidance = 7.5
+width = 64
+height = 64
+ratio = 1
+
+[[generation.generators]]
+id = "sd-euler-taesd"
+folder = "sd15-small"
+scheduler = "euler"
+steps = 1
+guidance = 0
+width = 64
+height = 64
+ratio = 1
+taesd = "taesd"
+
+[annotation]
+sam = "sam.safetensors"
+quant = "int8"
+min_area = 0.0
+
+[filter]
+clip = "clip"
+quant = "none"
+threshold = -1.0
+no_real = "text"
+text_threshold = -1.0
+
+[real]
+annotations = "instances.json"
+images = "images"
+
+[paste]
+images = 4
+max_instances = 20
+"#
+    )
+}
+
+fn config(extra: &str) -> RunConfig {
+    config_from(&config_text(extra))
+}
+
+fn config_from(text: &str) -> RunConfig {
+    let path = tempfile::Builder::new().suffix(".toml").tempfile_in(world()).unwrap();
+    std::fs::write(path.path(), text).unwrap();
+    RunConfig::from_file(path.path()).unwrap()
+}
+
+fn run(config: &RunConfig, out: &Path) -> pipeline::RunManifest {
+    pipeline::run(config, out, &Destination::Local, &devices()[0].device, "test").unwrap()
+}
+
+#[test]
+fn the_four_stages_run_and_the_output_verifies() {
+    let config = config("");
+    let out = tempfile::tempdir().unwrap();
+    let m = run(&config, out.path());
+    assert_eq!(m.generated, 6);
+    // Real bank: categories 1 and 2 from 3 crops each; 3 falls back to the text score.
+    assert_eq!(m.real_bank.crops, 6);
+    let cats: Vec<(u32, usize)> = m.categories.iter().map(|c| (c.id, c.real_crops)).collect();
+    assert_eq!(cats, [(1, 3), (2, 3), (3, 0)]);
+    let records = pipeline::read_records(out.path()).unwrap();
+    assert_eq!(records.len(), 6);
+    for r in &records {
+        // Category 2 has a bank file: its prompts come from it.
+        if r.category_id == 2 {
+            assert!(r.prompt.contains("blue ball"), "{}", r.prompt);
+        }
+        match (&r.crop, r.drop_reason) {
+            (Some(crop), _) => {
+                let img = image::open(out.path().join(crop)).unwrap().into_rgba8();
+                let [_, _, w, h] = r.bbox.unwrap();
+                assert_eq!(img.dimensions(), (w, h));
+                let expected = if r.category_id == 3 { "text" } else { "real-bank" };
+                assert_eq!(r.score_kind, expected);
+                assert!(r.clip_score.unwrap().abs() <= 1.0);
+                // Thresholds at -1 keep everything that got a mask.
+                assert!(r.kept && r.crop.as_ref().unwrap().starts_with("pool/"));
+            }
+            (None, Some(reason)) => assert!(!r.kept, "{reason:?}"),
+            (None, None) => panic!("{} has neither a crop nor a reason", r.name),
+        }
+    }
+    let kept = records.iter().filter(|r| r.kept).count();
+    assert_eq!(m.kept, kept);
+    // The pool in X-Paste's format lists exactly the kept crops, by 0-based category.
+    let pool: std::collections::BTreeMap<String, Vec<String>> =
+        serde_json::from_slice(&std::fs::read(out.path().join("pool/pool.json")).unwrap()).unwrap();
+    assert_eq!(pool.values().map(Vec::len).sum::<usize>(), kept);
+    for paths in pool.values() {
+        for p in paths {
+            assert!(p.starts_with('*') && Path::new(&p[1..]).exists(), "{p}");
+        }
+    }
+    // Four pasted samples in a dataset the host's verifier accepts.
+    assert_eq!(m.output.samples, 4);
+    assert_eq!(m.paste.images, 4);
+    let report = divergen_host::verify::verify(&out.path().join("dataset"), |_, _| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.images, 4);
+    assert!(m.paste.real_annotations == 8, "{:?}", m.paste);
+    // Every stage reports time and items.
+    assert_eq!(m.stages.generation.items, 6);
+    assert_eq!(m.stages.annotation.items, 6);
+    // Report PNGs.
+    let files = pipeline::report::render(out.path(), 2).unwrap();
+    let names: Vec<String> = files
+        .files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.contains(&"clip-scores.png".to_string()), "{names:?}");
+    assert!(names.contains(&"sample-000.png".to_string()), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("instances-")), "{names:?}");
+    for f in &files.files {
+        image::open(f).unwrap();
+    }
+}
+
+fn dataset_annotations(out: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("dataset/shard-000000/annotations.json")).unwrap()).unwrap();
+    v["info"] = serde_json::Value::Null;
+    v
+}
+
+#[test]
+fn the_same_seed_gives_the_same_output_whatever_the_budget() {
+    let out_a = tempfile::tempdir().unwrap();
+    let out_b = tempfile::tempdir().unwrap();
+    // One image per category keeps the three runs short. No budget: everything resident. A
+    // small budget: models loaded per batch.
+    let small =
+        |extra: &str| config_from(&config_text(extra).replace("images_per_category = 2", "images_per_category = 1"));
+    let a = run(&small(""), out_a.path());
+    let b = run(&small("budget_mib = 400"), out_b.path());
+    assert!(a.plan.iter().all(|p| p.resident));
+    assert!(b.plan.iter().any(|p| !p.resident), "{:?}", b.plan);
+    let strip = |mut r: Vec<InstanceRecord>| {
+        r.iter_mut().for_each(|r| r.sam_iou = (r.sam_iou * 1e4).round() / 1e4);
+        serde_json::to_string(&r).unwrap()
+    };
+    assert_eq!(
+        strip(pipeline::read_records(out_a.path()).unwrap()),
+        strip(pipeline::read_records(out_b.path()).unwrap())
+    );
+    assert!(
+        dataset_annotations(out_a.path()) == dataset_annotations(out_b.path()),
+        "the datasets differ"
+    );
+    // The second run found the real bank in its own cache folder: nothing shared.
+    assert_eq!(b.real_bank.cached, 0);
+    // Rerunning into the same folder reuses the cached bank and resumes the dataset.
+    let again = run(&small("budget_mib = 400"), out_b.path());
+    assert_eq!(again.real_bank.cached, 3);
+    assert_eq!(again.real_bank.crops, 0);
+    assert_eq!(again.output.duplicates, 4);
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let dir = world();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let typo = write("typo.toml", &config_text("").replace("max_instances", "max_instance"));
+    let e = RunConfig::from_file(&typo).unwrap_err();
+    assert!(e.contains("typo.toml") && e.contains("max_instance"), "{e}");
+    let bad = write(
+        "bad.toml",
+        &config_text("").replace("threshold = -1.0\n", "threshold = 3.0\n"),
+    );
+    let e = RunConfig::from_file(&bad).unwrap_err();
+    assert!(e.contains("filter.threshold"), "{e}");
+    let bank = write("bank.toml", &config_text("").replace("prompt_bank = \"bank\"\n", ""));
+    let e = RunConfig::from_file(&bank).unwrap_err();
+    assert!(e.contains("generation.prompt_bank"), "{e}");
+}
