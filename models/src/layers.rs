@@ -188,8 +188,8 @@ impl Conv2d {
         Self::load_quantized(ckpt, prefix, out, inp, k, stride, bias, Quantization::None, device)
     }
 
-    /// As [`Conv2d::load`], with the weights quantized when `quant` asks for it (stride-1
-    /// kernels only; strided ones stay f32).
+    /// As [`Conv2d::load`], with the weights quantized when `quant` asks for it; the
+    /// convolution then runs as an im2col GEMM through `qgemm`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn load_quantized(
         ckpt: &Checkpoint,
@@ -208,7 +208,7 @@ impl Conv2d {
             vec![0.0; out]
         };
         let weight = ckpt.values(&format!("{prefix}.weight"), &[out, inp, k, k])?;
-        let kernel = if quant == Quantization::None || stride != 1 {
+        let kernel = if quant == Quantization::None {
             ConvKernel::Dense {
                 weight: Tensor::from_data(TensorData::new(weight, [out, inp, k, k]), device),
                 bias: Tensor::from_data(TensorData::new(bias_values, [out]), device),
@@ -232,25 +232,50 @@ impl Conv2d {
             ConvKernel::Dense { weight, bias } => conv2d(x, weight.clone(), bias.clone(), self.stride, pad),
             ConvKernel::Quantized(linear) => {
                 let [b, c, h, w] = x.dims();
-                let k = self.k;
+                let (k, s) = (self.k, self.stride);
+                let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+                // Each tap reads `s·ho` rows from its offset, then keeps every `s`-th: pad the
+                // bottom/right far enough for the last tap's window.
+                let (extra_h, extra_w) = (
+                    (k - 1 + s * ho).saturating_sub(h + 2 * pad),
+                    (k - 1 + s * wo).saturating_sub(w + 2 * pad),
+                );
                 let device = x.device();
                 let mut padded = x;
-                if pad > 0 {
-                    let rows = Tensor::zeros([b, c, pad, w], &device);
-                    padded = Tensor::cat(vec![rows.clone(), padded, rows], 2);
-                    let cols = Tensor::zeros([b, c, h + 2 * pad, pad], &device);
-                    padded = Tensor::cat(vec![cols.clone(), padded, cols], 3);
+                if pad + extra_h > 0 {
+                    let top = Tensor::zeros([b, c, pad, w], &device);
+                    let bottom = Tensor::zeros([b, c, pad + extra_h, w], &device);
+                    padded = Tensor::cat(vec![top, padded, bottom], 2);
+                }
+                let hp = h + 2 * pad + extra_h;
+                if pad + extra_w > 0 {
+                    let left = Tensor::zeros([b, c, hp, pad], &device);
+                    let right = Tensor::zeros([b, c, hp, pad + extra_w], &device);
+                    padded = Tensor::cat(vec![left, padded, right], 3);
                 }
                 // Patches in the weight's (channel, row, column) order.
                 let taps: Vec<Tensor<4>> = (0..k * k)
-                    .map(|t| padded.clone().slice([0..b, 0..c, t / k..t / k + h, t % k..t % k + w]))
+                    .map(|t| {
+                        let (r, q) = (t / k, t % k);
+                        let window = padded.clone().slice([0..b, 0..c, r..r + s * ho, q..q + s * wo]);
+                        if s == 1 {
+                            window
+                        } else {
+                            window
+                                .reshape([b, c, ho, s, wo * s])
+                                .slice([0..b, 0..c, 0..ho, 0..1, 0..wo * s])
+                                .reshape([b, c, ho, wo, s])
+                                .slice([0..b, 0..c, 0..ho, 0..wo, 0..1])
+                                .reshape([b, c, ho, wo])
+                        }
+                    })
                     .collect();
                 let patches = Tensor::stack::<5>(taps, 2)
-                    .reshape([b, c * k * k, h * w])
+                    .reshape([b, c * k * k, ho * wo])
                     .swap_dims(1, 2);
                 let y = linear.forward(patches);
                 let out = y.dims()[2];
-                y.swap_dims(1, 2).reshape([b, out, h, w])
+                y.swap_dims(1, 2).reshape([b, out, ho, wo])
             }
         }
     }
