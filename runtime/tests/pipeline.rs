@@ -324,3 +324,41 @@ fn bad_configs_name_the_key() {
     let e = RunConfig::from_file(&bank).unwrap_err();
     assert!(e.contains("generation.prompt_bank"), "{e}");
 }
+
+#[test]
+fn the_cli_refuses_bad_input_and_writes_no_manifest() {
+    let dir = world();
+    let out = tempfile::tempdir().unwrap();
+    let divergen = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_divergen"))
+            .args(args)
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let typo = dir.join("cli-typo.toml");
+    std::fs::write(&typo, config_text("").replace("[paste]", "[pasted]")).unwrap();
+    let (ok, err) = divergen(&[
+        "run",
+        "--config",
+        typo.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("cli-typo.toml") && err.contains("pasted"), "{err}");
+
+    let missing = dir.join("cli-missing.toml");
+    std::fs::write(&missing, config_text("").replace("sam.safetensors", "no-such-sam.pth")).unwrap();
+    let (ok, err) = divergen(&[
+        "run",
+        "--config",
+        missing.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("no-such-sam.pth"), "{err}");
+    assert!(!out.path().join(pipeline::MANIFEST).exists());
+
+    let (ok, err) = divergen(&["report", out.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("run.json"), "{err}");
+}
