@@ -191,7 +191,11 @@ fn config_from(text: &str) -> RunConfig {
     RunConfig::from_file(path.path()).unwrap()
 }
 
+/// One run at a time: the device's memory pool is shared by the whole test process, and the
+/// budget test reads its high-water mark.
 fn run(config: &RunConfig, out: &Path) -> pipeline::RunManifest {
+    static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     pipeline::run(config, out, &Destination::Local, &devices()[0].device, "test").unwrap()
 }
 
@@ -280,6 +284,10 @@ fn the_same_seed_gives_the_same_output_whatever_the_budget() {
         |extra: &str| config_from(&config_text(extra).replace("images_per_category = 2", "images_per_category = 1"));
     let a = run(&small(""), out_a.path());
     let b = run(&small("budget_mib = 400"), out_b.path());
+    // The measured pool high-water mark stays inside the budget (everything resident takes
+    // about 1 GiB here).
+    let (peak_a, peak_b) = (a.peak_device_mib.unwrap(), b.peak_device_mib.unwrap());
+    assert!(peak_b <= 400.0 && peak_a > peak_b, "{peak_a} / {peak_b}");
     assert!(a.plan.iter().all(|p| p.resident));
     assert!(b.plan.iter().any(|p| !p.resident), "{:?}", b.plan);
     let strip = |mut r: Vec<InstanceRecord>| {
