@@ -66,7 +66,16 @@ pub fn render(dir: &Path, samples: usize) -> Result<ReportFiles, String> {
         for i in 0..shards.len().min(samples) {
             let sample = shards.get(i).map_err(|e| e.to_string())?;
             let path = out.join(format!("sample-{i:03}.png"));
-            save(&outlined(&sample)?, &path)?;
+            let drawn = outlined(&sample)?;
+            // Small images are blown up (nearest neighbour, so outlines stay crisp).
+            let zoom = (512 / drawn.width().max(1)).max(1);
+            let drawn = imageops::resize(
+                &drawn,
+                drawn.width() * zoom,
+                drawn.height() * zoom,
+                imageops::FilterType::Nearest,
+            );
+            save(&drawn, &path)?;
             files.push(path);
         }
     }
@@ -168,17 +177,22 @@ fn fill(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, colour: Rgb<u8>) {
 fn histogram(records: &[InstanceRecord], threshold: f32) -> RgbImage {
     let (w, h, margin) = (640u32, 320u32, 40u32);
     let mut img = RgbImage::from_pixel(w, h, PAPER);
+    // Only scores against a real bank share this threshold (text scores have their own).
     let scores: Vec<(f32, bool)> = records
         .iter()
+        .filter(|r| r.score_kind == "real-bank")
         .filter_map(|r| r.clip_score.map(|s| (s, r.kept)))
         .collect();
     text(
         &mut img,
         8,
-        6,
-        &format!("CLIP score of {} scored instances, threshold {threshold}", scores.len()),
+        8,
+        &format!(
+            "CLIP inter-similarity of {} instances; kept green, rejected red; threshold {threshold}",
+            scores.len()
+        ),
         INK,
-        2,
+        1,
     );
     let lo = scores
         .iter()
