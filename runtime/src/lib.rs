@@ -1,4 +1,5 @@
 //! The device side of divergen. The `divergen` binary is a thin CLI over this library.
 
+pub mod domain;
 pub mod pipeline;
 pub mod stream;

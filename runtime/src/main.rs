@@ -71,6 +71,9 @@ enum Command {
     Run(run::RunArgs),
     /// PNGs of a finished run: contact sheets, CLIP score histogram, outlined samples.
     Report(run::ReportArgs),
+    /// Write the procedural domain: LVIS-style scenes, white-background renders with captions,
+    /// size statistics and prompt banks.
+    Domain(run::DomainArgs),
     /// SAM masks for point and box prompts on one image.
     Segment(segment::SegmentArgs),
     /// The sample stream to a host.
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&request, &args),
         Command::Run(args) => run::run(&request, &args),
         Command::Report(args) => run::report(&args),
+        Command::Domain(args) => run::domain(&args),
         Command::Stream {
             what: StreamCommand::Bench(args),
         } => divergen_runtime::stream::bench::run(&args),
