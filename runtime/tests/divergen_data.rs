@@ -25,7 +25,7 @@ fn the_1453_categories_and_their_size_statistics_load() {
     let c = Categories::load(&config()).unwrap();
     assert_eq!(c.table.categories.len(), 1453);
     assert_eq!(c.selected.len(), 1453);
-    // Statistics for the 1,203 LVIS categories only; key "0" is LVIS id 1.
+    // Statistics for the 1,203 LVIS categories only, keyed by LVIS id.
     assert_eq!(c.area_stats.len(), 1203);
     assert!(c.area_stats.keys().all(|&id| (1..=1203).contains(&id)));
     let mean: f64 = c.area_stats.values().map(|s| s.0).sum::<f64>() / 1203.0;

@@ -68,7 +68,7 @@ fn build_world(root: &Path) {
         ]"#,
     )
     .unwrap();
-    std::fs::write(root.join("area.json"), r#"{"0": [0.3, 0.05], "1": [0.2, 0.05]}"#).unwrap();
+    std::fs::write(root.join("area.json"), r#"{"1": [0.3, 0.05], "2": [0.2, 0.05]}"#).unwrap();
     std::fs::create_dir_all(root.join("bank")).unwrap();
     std::fs::write(
         root.join("bank/2.txt"),

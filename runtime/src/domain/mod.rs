@@ -232,7 +232,7 @@ pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary, String>
         .map(|(k, v)| {
             let mean = v.iter().sum::<f64>() / v.len() as f64;
             let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
-            (k.to_string(), [mean, var.sqrt()])
+            (category_id(k).to_string(), [mean, var.sqrt()])
         })
         .collect();
     write_json(&out.join("area_mean_std.json"), &stats)?;

@@ -109,24 +109,23 @@ fn parse_frequency(code: &str) -> Option<Frequency> {
     }
 }
 
-/// `area_mean_std2.json` keys categories by 0-based index (X-Paste's pool keys), so key `k` is
-/// LVIS id `k + 1`.
+/// `area_mean_std2.json` keys categories by their LVIS id ("1" … "1203"; unlike the pool
+/// files, which are 0-based).
 pub fn read_area_stats(path: &Path) -> Result<HashMap<u32, (f64, f64)>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let raw: HashMap<String, [f64; 2]> = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: expected {{\"<0-based id>\": [mean, std]}}: {e}", path.display()))?;
+        .map_err(|e| format!("{}: expected {{\"<category id>\": [mean, std]}}: {e}", path.display()))?;
     let mut stats = HashMap::with_capacity(raw.len());
     for (key, [mean, std]) in raw {
-        let index: u32 = key
+        let id: u32 = key
             .parse()
-            .map_err(|_| format!("{}: key {key:?} is not a 0-based category index", path.display()))?;
+            .ok()
+            .filter(|&id| id > 0)
+            .ok_or_else(|| format!("{}: key {key:?} is not a category id", path.display()))?;
         if !(mean.is_finite() && std.is_finite() && mean > 0.0 && std >= 0.0) {
-            return Err(format!(
-                "{}: category index {index} has mean {mean}, std {std}",
-                path.display()
-            ));
+            return Err(format!("{}: category {id} has mean {mean}, std {std}", path.display()));
         }
-        stats.insert(index + 1, (mean, std));
+        stats.insert(id, (mean, std));
     }
     Ok(stats)
 }

@@ -71,7 +71,7 @@ pub struct CategoriesConfig {
     /// Keep at most this many (the first, by id, after the filters above).
     #[serde(default)]
     pub limit: Option<usize>,
-    /// `area_mean_std2.json`: per category (0-based id) the mean and std of the linear size.
+    /// `area_mean_std2.json`: per category id the mean and std of the linear size.
     #[serde(default)]
     pub area_stats: Option<PathBuf>,
 }
