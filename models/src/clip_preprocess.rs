@@ -26,7 +26,12 @@ pub fn resize_and_crop(src: &RgbImage, size: u32, crop: u32) -> RgbImage {
 
 /// `[3, 224, 224]` CHW values ready for the vision tower.
 pub fn pixel_values(src: &RgbImage) -> Vec<f32> {
-    let crop = resize_and_crop(src, 224, 224);
+    pixel_values_sized(src, 224)
+}
+
+/// The same for a tower whose `image_size` is `size` (the processor's `size` and `crop_size`).
+pub fn pixel_values_sized(src: &RgbImage, size: u32) -> Vec<f32> {
+    let crop = resize_and_crop(src, size, size);
     let (w, h) = (crop.width() as usize, crop.height() as usize);
     let mut out = vec![0f32; 3 * w * h];
     for (i, p) in crop.pixels().enumerate() {

@@ -129,6 +129,12 @@ impl ClipTokenizer {
                 }
             })
             .collect::<Result<_, _>>()?;
+        Self::from_merges(merges).map_err(err)
+    }
+
+    /// A vocabulary laid out as OpenAI's: the byte symbols, the same with `</w>`, one token per
+    /// merge, then the two special tokens.
+    fn from_merges(merges: Vec<(String, String)>) -> Result<Self, String> {
         // OpenAI lists the byte symbols in its table's insertion order: the printable bytes
         // first, then the ones remapped above U+0100.
         let table = byte_chars();
@@ -142,7 +148,40 @@ impl ClipTokenizer {
         vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
         vocab.extend([START_OF_TEXT.to_string(), END_OF_TEXT.to_string()]);
         let encoder = vocab.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
-        Self::new(encoder, merges).map_err(err)
+        Self::new(encoder, merges)
+    }
+
+    /// A small vocabulary for a closed domain: every byte (so any text still tokenizes) plus
+    /// one whole-word token per given word, built by merging its characters left to right.
+    /// A tiny text model then needs a few hundred embedding rows instead of 49,408.
+    pub fn for_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Result<Self, TokenizerError> {
+        let table = byte_chars();
+        let mut merges: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for word in words {
+            let symbols: Vec<String> = word
+                .to_lowercase()
+                .bytes()
+                .map(|b| table[b as usize].to_string())
+                .collect();
+            let Some((first, rest)) = symbols.split_first() else {
+                continue;
+            };
+            let mut current = first.clone();
+            for (i, next) in rest.iter().enumerate() {
+                let next = if i + 1 == rest.len() {
+                    format!("{next}</w>")
+                } else {
+                    next.clone()
+                };
+                let merge = (current.clone(), next.clone());
+                if seen.insert(merge.clone()) {
+                    merges.push(merge);
+                }
+                current.push_str(&next);
+            }
+        }
+        Self::from_merges(merges).map_err(TokenizerError)
     }
 
     fn new(encoder: HashMap<String, u32>, merges: Vec<(String, String)>) -> Result<Self, String> {

@@ -11,3 +11,4 @@ pub mod layers;
 pub mod recipe;
 pub mod resize;
 pub mod sam;
+pub mod train;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use burn::tensor::{Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use divergen_kernels::device::{DeviceRequest, open};
+use divergen_models::clip::ClipConfig;
 use divergen_models::clip::{Clip, Quantization, normalize};
-use divergen_models::clip_preprocess::pixel_values;
+use divergen_models::clip_preprocess::pixel_values_sized;
 use divergen_models::clip_tokenizer::ClipTokenizer;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -72,12 +73,14 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
     }
     let quant = Quantization::from(args.quant);
     // Decode every input before the (slow) model load, so a bad file fails fast.
+    let config = ClipConfig::from_file(&args.clip.join("config.json")).map_err(|e| e.to_string())?;
+    let side = config.vision_config.image_size as u32;
     let mut pixels = Vec::new();
     for path in &args.image {
         let img = image::open(path)
             .map_err(|e| format!("{}: {e}", path.display()))?
             .into_rgb8();
-        pixels.extend(pixel_values(&img));
+        pixels.extend(pixel_values_sized(&img, side));
     }
     let tokenizer = ClipTokenizer::from_dir(&args.clip).map_err(|e| e.to_string())?;
     let device = open(request).map_err(|e| e.to_string())?;

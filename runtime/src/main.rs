@@ -7,6 +7,7 @@ mod generate;
 mod png;
 mod run;
 mod segment;
+mod train;
 
 use std::process::ExitCode;
 
@@ -74,6 +75,16 @@ enum Command {
     /// Write the procedural domain: LVIS-style scenes, white-background renders with captions,
     /// size statistics and prompt banks.
     Domain(run::DomainArgs),
+    /// Train the embedded default's tiny models on the procedural domain (CPU, burn autodiff).
+    Train {
+        #[command(subcommand)]
+        what: train::TrainCommand,
+    },
+    /// Measure the tiny models on the procedural domain's held-out data.
+    Eval {
+        #[command(subcommand)]
+        what: train::EvalCommand,
+    },
     /// SAM masks for point and box prompts on one image.
     Segment(segment::SegmentArgs),
     /// The sample stream to a host.
@@ -119,6 +130,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&request, &args),
         Command::Report(args) => run::report(&args),
         Command::Domain(args) => run::domain(&args),
+        Command::Train { what } => train::run_train(&what),
+        Command::Eval { what } => train::run_eval(&request, &what),
         Command::Stream {
             what: StreamCommand::Bench(args),
         } => divergen_runtime::stream::bench::run(&args),

@@ -15,16 +15,18 @@ fn models_fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures")
 }
 
-/// Model folders and a real dataset, written once per test binary.
+/// Model folders and a real dataset (about 0.9 GB of recipe weights), written once per test
+/// run into cargo's per-target scratch folder and replaced by the next run, so nothing piles up
+/// in the system's temp folder (a static is never dropped, so a `TempDir` would leak).
 fn world() -> &'static Path {
-    static WORLD: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    WORLD
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            build_world(dir.path());
-            dir
-        })
-        .path()
+    static WORLD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    WORLD.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pipeline-world");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        build_world(&dir);
+        dir
+    })
 }
 
 fn keys(path: &Path) -> serde_json::Map<String, serde_json::Value> {

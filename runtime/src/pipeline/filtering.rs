@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_models::clip::{Clip, normalize};
-use divergen_models::clip_preprocess::pixel_values;
+use divergen_models::clip_preprocess::pixel_values_sized;
 use divergen_models::clip_tokenizer::ClipTokenizer;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -32,7 +32,7 @@ pub fn embed_images(clip: &Clip, images: &[RgbImage], device: &Device) -> Result
     let size = clip.config.vision_config.image_size;
     let mut out = Vec::with_capacity(images.len());
     for chunk in images.chunks(CLIP_BATCH) {
-        let pixels: Vec<f32> = chunk.iter().flat_map(pixel_values).collect();
+        let pixels: Vec<f32> = chunk.iter().flat_map(|i| pixel_values_sized(i, size as u32)).collect();
         let batch = Tensor::from_data(TensorData::new(pixels, [chunk.len(), 3, size, size]), device);
         let e = normalize(clip.vision.forward(batch).map_err(|e| e.to_string())?);
         out.extend(rows(e)?);
