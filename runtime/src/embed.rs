@@ -9,6 +9,7 @@ use divergen_models::clip::ClipConfig;
 use divergen_models::clip::{Clip, Quantization, normalize};
 use divergen_models::clip_preprocess::pixel_values_sized;
 use divergen_models::clip_tokenizer::ClipTokenizer;
+use divergen_runtime::pipeline::filtering::rows;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum QuantArg {
@@ -55,16 +56,6 @@ pub struct EmbedArgs {
     /// Print `{"images": [[..]], "texts": [[..]]}`.
     #[arg(long)]
     pub json: bool,
-}
-
-fn rows(t: Tensor<2>) -> Result<Vec<Vec<f32>>, String> {
-    let [n, d] = t.dims();
-    let values = t
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| format!("reading embeddings back: {e:?}"))?;
-    Ok((0..n).map(|i| values[i * d..(i + 1) * d].to_vec()).collect())
 }
 
 pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {

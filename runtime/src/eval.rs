@@ -10,13 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pipeline::filtering::{dot, embed_images, embed_texts};
 
-#[derive(Clone, Debug, Deserialize)]
-pub struct Render {
-    pub file: String,
-    pub mask: String,
-    pub category_id: u32,
-    pub caption: String,
-}
+pub use crate::domain::RenderRecord as Render;
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct Category {
@@ -55,9 +49,9 @@ pub struct ZeroShot {
     pub per_category: Vec<CategoryAccuracy>,
 }
 
-/// The zero-shot prompt for a category.
+/// The zero-shot prompt for a category: DiverGen's wording without attributes.
 pub fn class_prompt(name: &str) -> String {
-    format!("a photo of a {}", name.replace('_', " "))
+    format!("A photo of a {}, in a white background", name.replace('_', " "))
 }
 
 /// Zero-shot classification of the held-out renders: the category whose prompt embedding is

@@ -78,6 +78,27 @@ fn domain_words(domain: &Path) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// The full caption and shorter ones that keep only some attributes. With full captions alone,
+/// colour, texture and size already tell a batch's pairs apart and the shape goes unlearnt
+/// (measured: 27 % zero-shot); captions that keep the name and drop attributes make the shape
+/// the thing to match.
+fn caption_variants(r: &eval::Render, name: &str) -> Vec<String> {
+    let name = name.replace('_', " ");
+    let suffix = ", in a white background";
+    let texture = if r.texture == "plain" {
+        String::new()
+    } else {
+        format!("{} ", r.texture)
+    };
+    vec![
+        r.caption.clone(),
+        format!("A photo of a {name}{suffix}"),
+        format!("A photo of a {} {name}{suffix}", r.colour),
+        format!("A photo of a {texture}{name}{suffix}"),
+        format!("An image of a {name}{suffix}"),
+    ]
+}
+
 pub fn run_train(command: &TrainCommand) -> Result<(), String> {
     match command {
         TrainCommand::Clip(args) => train_clip(args),
@@ -102,6 +123,10 @@ fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
         projection_dim: 64,
     };
     let renders = eval::read_renders(&args.domain, "train")?;
+    let names: std::collections::HashMap<u32, String> = eval::read_categories(&args.domain)?
+        .into_iter()
+        .map(|c| (c.id, c.name))
+        .collect();
     let dir = args.domain.join("renders/train");
     let mut pairs = Vec::with_capacity(renders.len());
     for r in &renders {
@@ -111,7 +136,7 @@ fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
             .into_rgb8();
         pairs.push(Pair {
             pixels: pixel_values_sized(&img, config.image_size as u32),
-            caption: r.caption.clone(),
+            captions: caption_variants(r, names.get(&r.category_id).ok_or("render of an unknown category")?),
         });
     }
     log::info!(

@@ -196,9 +196,13 @@ fn config_from(text: &str) -> RunConfig {
 /// One run at a time: the device's memory pool is shared by the whole test process, and the
 /// budget test reads its high-water mark.
 fn run(config: &RunConfig, out: &Path) -> pipeline::RunManifest {
+    run_to(config, out, Destination::Local)
+}
+
+fn run_to(config: &RunConfig, out: &Path, destination: Destination) -> pipeline::RunManifest {
     static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    pipeline::run(config, out, &Destination::Local, &devices()[0].device, "test").unwrap()
+    pipeline::run(config, out, &destination, &devices()[0].device, "test").unwrap()
 }
 
 #[test]
@@ -306,6 +310,33 @@ fn the_same_seed_gives_the_same_output_whatever_the_budget() {
     );
     // The second run found the real bank in its own cache folder: nothing shared.
     assert_eq!(b.real_bank.cached, 0);
+    // Streamed to a host instead, the same samples land in the host's shards.
+    let host_out = tempfile::tempdir().unwrap();
+    let server = divergen_host::Server::open(divergen_host::ServerConfig {
+        store: divergen_host::StoreConfig {
+            out: host_out.path().to_path_buf(),
+            shard_size: 256,
+            tar: false,
+        },
+        peer_timeout: std::time::Duration::from_secs(30),
+    })
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let serving = {
+        let server = server.clone();
+        std::thread::spawn(move || server.serve_tcp(listener))
+    };
+    let streamed_out = tempfile::tempdir().unwrap();
+    let streamed = run_to(&small(""), streamed_out.path(), Destination::Host(address));
+    assert_eq!((streamed.output.kind, streamed.output.samples), ("stream", 4));
+    server.shutdown_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+    serving.join().unwrap().unwrap();
+    assert!(
+        dataset_annotations(host_out.path()) == dataset_annotations(out_a.path()),
+        "the streamed dataset differs from the local one"
+    );
+
     // Rerunning into the same folder reuses the cached bank and resumes the dataset.
     let again = run(&small("budget_mib = 400"), out_b.path());
     assert_eq!(again.real_bank.cached, 3);

@@ -41,7 +41,7 @@ fn pairs(n: usize, side: u32) -> Vec<Pair> {
             let (img, _, a) = white_render(i % 6, side, &mut rng);
             Pair {
                 pixels: divergen_models::clip_preprocess::pixel_values_sized(&img, side),
-                caption: caption(&a, side as f64, i),
+                captions: vec![caption(&a, side as f64, i)],
             }
         })
         .collect()
@@ -59,7 +59,7 @@ fn the_exported_tiny_clip_loads_and_matches_the_trained_model() {
     save_hf(&model, &c, &tokenizer, dir.path()).unwrap();
 
     let data = pairs(4, 32);
-    let texts: Vec<String> = data.iter().map(|p| p.caption.clone()).collect();
+    let texts: Vec<String> = data.iter().map(|p| p.captions[0].clone()).collect();
     let pixels: Vec<f32> = data.iter().flat_map(|p| p.pixels.iter().copied()).collect();
     let batch = |d: &Device| Tensor::<4>::from_data(TensorData::new(pixels.clone(), [4, 3, 32, 32]), d);
     let (ids, eos) = tokenize(&tokenizer, &texts);
@@ -86,7 +86,7 @@ fn training_lowers_the_contrastive_loss() {
     let data = pairs(48, 32);
     let words: Vec<String> = data
         .iter()
-        .flat_map(|p| p.caption.split([' ', ',']).map(String::from).collect::<Vec<_>>())
+        .flat_map(|p| p.captions[0].split([' ', ',']).map(String::from).collect::<Vec<_>>())
         .collect();
     let tokenizer = ClipTokenizer::for_words(words.iter().map(String::as_str)).unwrap();
     let c = config(&tokenizer);

@@ -369,11 +369,11 @@ pub fn save_hf(
     tokenizer.save_hf(dir).map_err(|e| ModelError(e.to_string()))
 }
 
-/// One training pair.
+/// One training image with the captions it may be paired with (one drawn per use).
 pub struct Pair {
     /// CLIP-normalised `[3, S, S]` pixels.
     pub pixels: Vec<f32>,
-    pub caption: String,
+    pub captions: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -415,7 +415,7 @@ pub fn train(
 ) -> (TinyClip, TrainLog) {
     use burn::optim::{AdamConfig, GradientsParams};
     use rand::seq::SliceRandom;
-    use rand::{SeedableRng, rngs::StdRng};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
     let start = std::time::Instant::now();
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut optimizer = AdamConfig::new().init();
@@ -435,7 +435,13 @@ pub fn train(
         }
         let pixels: Vec<f32> = batch.iter().flat_map(|&i| pairs[i].pixels.iter().copied()).collect();
         let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [batch.len(), 3, side, side]), device);
-        let texts: Vec<String> = batch.iter().map(|&i| pairs[i].caption.clone()).collect();
+        let texts: Vec<String> = batch
+            .iter()
+            .map(|&i| {
+                let c = &pairs[i].captions;
+                c[rng.random_range(0..c.len())].clone()
+            })
+            .collect();
         let (ids, eos) = tokenize(tokenizer, &texts);
         let loss = model.loss(model.encode_image(pixels), model.encode_text(&ids, &eos, device));
         let value = loss

@@ -14,7 +14,7 @@ use divergen_protocol::{Frequency, Rle};
 use image::{GrayImage, RgbImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use self::render::{Appearance, background, caption, white_render};
 use self::shapes::SHAPES;
@@ -76,7 +76,8 @@ pub struct CatInfo {
     pub instance_count: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// One line of `renders/<split>.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RenderRecord {
     pub file: String,
     pub mask: String,

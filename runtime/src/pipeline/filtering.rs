@@ -49,7 +49,8 @@ pub fn embed_texts(clip: &Clip, tokenizer: &ClipTokenizer, texts: &[String]) -> 
     rows(normalize(clip.text.forward(&ids).map_err(|e| e.to_string())?))
 }
 
-fn rows(t: Tensor<2>) -> Result<Vec<Vec<f32>>, String> {
+/// A `[n, d]` tensor read back as rows.
+pub fn rows(t: Tensor<2>) -> Result<Vec<Vec<f32>>, String> {
     let [n, d] = t.dims();
     let values = t
         .into_data()
