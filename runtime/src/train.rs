@@ -9,7 +9,12 @@ use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::clip_preprocess::pixel_values_sized;
 use divergen_models::clip_tokenizer::ClipTokenizer;
 use divergen_models::train::clip::{Pair, TinyClip, TinyClipConfig, TrainOptions, save_hf, train};
+use divergen_runtime::domain::render::{COLOURS, caption, white_render};
+use divergen_runtime::domain::shapes::SHAPES;
 use divergen_runtime::eval;
+use divergen_runtime::pipeline::mix_seed;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 #[derive(Subcommand)]
 pub enum TrainCommand {
@@ -65,10 +70,19 @@ fn domain_words(domain: &Path) -> Result<Vec<String>, String> {
             }
         }
     };
-    for split in ["train", "val"] {
-        for r in eval::read_renders(domain, split)? {
-            add(&r.caption);
-        }
+    // The captions' grammar, not the held-out captions themselves.
+    for r in eval::read_renders(domain, "train")? {
+        add(&r.caption);
+    }
+    for (colour, _) in COLOURS {
+        add(colour);
+    }
+    for t in divergen_runtime::domain::render::Texture::ALL {
+        add(t.word());
+    }
+    add("small large");
+    for opening in divergen_runtime::domain::render::OPENINGS {
+        add(opening);
     }
     for c in eval::read_categories(domain)? {
         add(&c.name);
@@ -122,26 +136,39 @@ fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
         mlp_ratio: 4,
         projection_dim: 64,
     };
-    let renders = eval::read_renders(&args.domain, "train")?;
-    let names: std::collections::HashMap<u32, String> = eval::read_categories(&args.domain)?
+    let names: Vec<String> = eval::read_categories(&args.domain)?
         .into_iter()
-        .map(|c| (c.id, c.name))
+        .map(|c| c.name)
         .collect();
-    let dir = args.domain.join("renders/train");
-    let mut pairs = Vec::with_capacity(renders.len());
-    for r in &renders {
-        let path = dir.join(&r.file);
-        let img = image::open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .into_rgb8();
-        pairs.push(Pair {
-            pixels: pixel_values_sized(&img, config.image_size as u32),
-            captions: caption_variants(r, names.get(&r.category_id).ok_or("render of an unknown category")?),
-        });
+    if names.len() != SHAPES.len() {
+        return Err(format!(
+            "{}: {} categories, the procedural domain has {}",
+            args.domain.display(),
+            names.len(),
+            SHAPES.len()
+        ));
     }
+    // Fresh renders every step, from a seed stream disjoint from the domain's held-out split.
+    let side = config.image_size as u32;
+    let draw = |step: usize, item: usize| {
+        let mut rng = StdRng::seed_from_u64(mix_seed(args.seed ^ 0x7472_6169_6e00, step as u64, item as u64));
+        let k = rng.random_range(0..SHAPES.len());
+        let (img, _, a) = white_render(k, side, &mut rng);
+        let record = eval::Render {
+            file: String::new(),
+            mask: String::new(),
+            category_id: k as u32 + 1,
+            caption: caption(&a, side as f64, rng.random_range(0..5)),
+            colour: COLOURS[a.colour].0.into(),
+            texture: a.texture.word().into(),
+        };
+        Pair {
+            pixels: pixel_values_sized(&img, side),
+            captions: caption_variants(&record, &names[k]),
+        }
+    };
     log::info!(
-        "tiny CLIP: {} pairs, vocabulary {} tokens, {} steps of {}",
-        pairs.len(),
+        "tiny CLIP: vocabulary {} tokens, {} steps of {} fresh renders",
         config.vocab_size,
         args.steps,
         args.batch
@@ -159,10 +186,10 @@ fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
     let (model, log) = train(
         model,
         &tokenizer,
-        &pairs,
         config.image_size,
         &options,
         &device,
+        draw,
         |step, loss| {
             bar.set_position(step as u64 + 1);
             bar.set_message(format!("loss {loss:.3}"));

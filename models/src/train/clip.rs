@@ -402,45 +402,32 @@ pub fn tokenize(tokenizer: &ClipTokenizer, texts: &[String]) -> (Vec<Vec<u32>>, 
         .unzip()
 }
 
-/// Contrastive training on `pairs` with Adam and a cosine learning-rate decay. `device` must
-/// have autodiff enabled.
+/// Contrastive training with Adam and a cosine learning-rate decay on batches from `draw`
+/// (called with the step and the item's place in the batch; a procedural domain draws a fresh
+/// image each time, so nothing is seen twice). `device` must have autodiff enabled.
 pub fn train(
     model: TinyClip,
     tokenizer: &ClipTokenizer,
-    pairs: &[Pair],
     side: usize,
     options: &TrainOptions,
     device: &Device,
+    mut draw: impl FnMut(usize, usize) -> Pair,
     mut progress: impl FnMut(usize, f64),
 ) -> (TinyClip, TrainLog) {
     use burn::optim::{AdamConfig, GradientsParams};
-    use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng, rngs::StdRng};
     let start = std::time::Instant::now();
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut optimizer = AdamConfig::new().init();
     let mut model = model;
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    let mut cursor = order.len();
     let mut losses = Vec::with_capacity(options.steps);
     for step in 0..options.steps {
-        let mut batch = Vec::with_capacity(options.batch);
-        while batch.len() < options.batch.min(pairs.len()) {
-            if cursor == order.len() {
-                order.shuffle(&mut rng);
-                cursor = 0;
-            }
-            batch.push(order[cursor]);
-            cursor += 1;
-        }
-        let pixels: Vec<f32> = batch.iter().flat_map(|&i| pairs[i].pixels.iter().copied()).collect();
+        let batch: Vec<Pair> = (0..options.batch).map(|i| draw(step, i)).collect();
+        let pixels: Vec<f32> = batch.iter().flat_map(|p| p.pixels.iter().copied()).collect();
         let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [batch.len(), 3, side, side]), device);
         let texts: Vec<String> = batch
             .iter()
-            .map(|&i| {
-                let c = &pairs[i].captions;
-                c[rng.random_range(0..c.len())].clone()
-            })
+            .map(|p| p.captions[rng.random_range(0..p.captions.len())].clone())
             .collect();
         let (ids, eos) = tokenize(tokenizer, &texts);
         let loss = model.loss(model.encode_image(pixels), model.encode_text(&ids, &eos, device));
