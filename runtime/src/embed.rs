@@ -64,15 +64,18 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
     }
     let quant = Quantization::from(args.quant);
     // Decode every input before the (slow) model load, so a bad file fails fast.
+    let images = args
+        .image
+        .iter()
+        .map(|path| {
+            image::open(path)
+                .map(|i| i.into_rgb8())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let config = ClipConfig::from_file(&args.clip.join("config.json")).map_err(|e| e.to_string())?;
     let side = config.vision_config.image_size as u32;
-    let mut pixels = Vec::new();
-    for path in &args.image {
-        let img = image::open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .into_rgb8();
-        pixels.extend(pixel_values_sized(&img, side));
-    }
+    let pixels: Vec<f32> = images.iter().flat_map(|img| pixel_values_sized(img, side)).collect();
     let tokenizer = ClipTokenizer::from_dir(&args.clip).map_err(|e| e.to_string())?;
     let device = open(request).map_err(|e| e.to_string())?;
     let clip = Clip::load(&args.clip, quant, &device.device).map_err(|e| e.to_string())?;
