@@ -8,7 +8,7 @@ pub mod render;
 pub mod shapes;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use divergen_protocol::{Frequency, Rle};
 use image::{GrayImage, RgbImage};
@@ -316,11 +316,6 @@ pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary, String>
 
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), String> {
     crate::pipeline::write_json(path, value)
-}
-
-/// Where `divergen domain` writes by default.
-pub fn default_dir() -> PathBuf {
-    PathBuf::from("divergen-domain")
 }
 
 #[cfg(test)]

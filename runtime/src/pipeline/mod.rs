@@ -22,7 +22,7 @@ pub mod report;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -842,8 +842,4 @@ pub fn read_records(dir: &Path) -> Result<Vec<InstanceRecord>, String> {
     let path = dir.join(INSTANCES);
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-pub fn default_out() -> PathBuf {
-    PathBuf::from("divergen-out")
 }
