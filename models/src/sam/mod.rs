@@ -125,6 +125,38 @@ impl SamConfig {
             .take_while(|i| ckpt.contains(&format!("mask_decoder.transformer.layers.{i}.norm1.weight")))
             .count();
         config.decoder.depth = depth;
+        // `build_sam` fixes the prompt and decoder widths (256, MLP 2048); smaller SAMs such as
+        // the embedded default's are read off the shapes. The head count is not in the shapes
+        // and stays SAM's 8.
+        let keys = ckpt.keys();
+        let dim = |key: &str, axis: usize| {
+            keys.iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, s)| s.get(axis).copied())
+                .ok_or_else(|| ModelError::at(ckpt.path(), format!("missing tensor {key}")))
+        };
+        let width = dim("mask_decoder.iou_token.weight", 1)?;
+        config.prompt_embed_dim = width;
+        config.mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0)?;
+        config.decoder.transformer_dim = width;
+        if depth > 0 {
+            config.decoder.mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
+        }
+        config.decoder.iou_head_hidden_dim = dim("mask_decoder.iou_prediction_head.layers.0.weight", 0)?;
+        let out_chans = match &config.encoder {
+            EncoderConfig::Vit(c) => Some(c.out_chans),
+            EncoderConfig::TinyVit(_) => None,
+        };
+        if width % (2 * config.decoder.num_heads) != 0 || out_chans.is_some_and(|c| c != width) {
+            return Err(ModelError::at(
+                ckpt.path(),
+                format!(
+                    "inconsistent SAM widths: decoder {width} (must split into {} heads after 2× downsampling), \
+                     image embedding {out_chans:?}",
+                    config.decoder.num_heads
+                ),
+            ));
+        }
         Ok(config)
     }
 }

@@ -14,9 +14,7 @@ use serde::Serialize;
 
 use crate::checkpoint::ModelError;
 use crate::clip_tokenizer::{CONTEXT, ClipTokenizer};
-
-/// One exported tensor: state-dict key, shape, values.
-pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+use crate::train::{StateDict, by_tenth, learning_rate, scalar};
 
 /// The tiny model's shape; the fields mirror `CLIPConfig`'s.
 #[derive(Clone, Debug, Serialize)]
@@ -247,88 +245,52 @@ impl TinyClip {
         (per_image.sum() + per_text.sum()) / (-2.0 * n as f64)
     }
 
-    /// `(key, shape, values)` in `CLIPModel`'s state-dict layout (Linear weights `[out, in]`).
-    pub fn hf_tensors(&self) -> Result<Vec<NamedTensor>, ModelError> {
-        let mut out = Vec::new();
-        fn push<const D: usize>(
-            out: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
-            key: String,
-            t: Tensor<D>,
-        ) -> Result<(), ModelError> {
-            let shape = t.dims().to_vec();
-            let values = t
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .map_err(|e| ModelError(format!("{key}: {e:?}")))?;
-            out.push((key, shape, values));
-            Ok(())
-        }
-        let linear = |out: &mut Vec<_>, key: &str, l: &Linear| -> Result<(), ModelError> {
-            push(out, format!("{key}.weight"), l.weight.val().transpose())?;
-            if let Some(b) = &l.bias {
-                push(out, format!("{key}.bias"), b.val())?;
-            }
-            Ok(())
-        };
-        let norm = |out: &mut Vec<_>, key: &str, n: &LayerNorm| -> Result<(), ModelError> {
-            push(out, format!("{key}.weight"), n.gamma.val())?;
-            if let Some(b) = &n.beta {
-                push(out, format!("{key}.bias"), b.val())?;
-            }
-            Ok(())
-        };
-        let blocks = |out: &mut Vec<_>, prefix: &str, blocks: &[Block]| -> Result<(), ModelError> {
+    /// The weights in `CLIPModel`'s state-dict layout.
+    pub fn state_dict(&self) -> Result<StateDict, ModelError> {
+        let mut out = StateDict::default();
+        let blocks = |out: &mut StateDict, prefix: &str, blocks: &[Block]| -> Result<(), ModelError> {
             for (i, b) in blocks.iter().enumerate() {
                 let p = format!("{prefix}.encoder.layers.{i}");
-                norm(out, &format!("{p}.layer_norm1"), &b.norm1)?;
-                linear(out, &format!("{p}.self_attn.q_proj"), &b.q)?;
-                linear(out, &format!("{p}.self_attn.k_proj"), &b.k)?;
-                linear(out, &format!("{p}.self_attn.v_proj"), &b.v)?;
-                linear(out, &format!("{p}.self_attn.out_proj"), &b.out)?;
-                norm(out, &format!("{p}.layer_norm2"), &b.norm2)?;
-                linear(out, &format!("{p}.mlp.fc1"), &b.fc1)?;
-                linear(out, &format!("{p}.mlp.fc2"), &b.fc2)?;
+                out.norm(&format!("{p}.layer_norm1"), &b.norm1)?;
+                out.linear(&format!("{p}.self_attn.q_proj"), &b.q)?;
+                out.linear(&format!("{p}.self_attn.k_proj"), &b.k)?;
+                out.linear(&format!("{p}.self_attn.v_proj"), &b.v)?;
+                out.linear(&format!("{p}.self_attn.out_proj"), &b.out)?;
+                out.norm(&format!("{p}.layer_norm2"), &b.norm2)?;
+                out.linear(&format!("{p}.mlp.fc1"), &b.fc1)?;
+                out.linear(&format!("{p}.mlp.fc2"), &b.fc2)?;
             }
             Ok(())
         };
-        push(
-            &mut out,
-            "text_model.embeddings.token_embedding.weight".into(),
+        out.tensor(
+            "text_model.embeddings.token_embedding.weight",
             self.token_embedding.weight.val(),
         )?;
-        push(
-            &mut out,
-            "text_model.embeddings.position_embedding.weight".into(),
+        out.tensor(
+            "text_model.embeddings.position_embedding.weight",
             self.text_positions.val(),
         )?;
         blocks(&mut out, "text_model", &self.text_blocks)?;
-        norm(&mut out, "text_model.final_layer_norm", &self.final_norm)?;
-        linear(&mut out, "text_projection", &self.text_projection)?;
+        out.norm("text_model.final_layer_norm", &self.final_norm)?;
+        out.linear("text_projection", &self.text_projection)?;
         let d = self.class_embedding.val().dims()[0];
         let p = self.patch_size;
-        push(
-            &mut out,
-            "vision_model.embeddings.patch_embedding.weight".into(),
+        out.tensor(
+            "vision_model.embeddings.patch_embedding.weight",
             self.patch.weight.val().transpose().reshape([d, 3, p, p]),
         )?;
-        push(
-            &mut out,
-            "vision_model.embeddings.class_embedding".into(),
-            self.class_embedding.val(),
-        )?;
-        push(
-            &mut out,
-            "vision_model.embeddings.position_embedding.weight".into(),
+        out.tensor("vision_model.embeddings.class_embedding", self.class_embedding.val())?;
+        out.tensor(
+            "vision_model.embeddings.position_embedding.weight",
             self.vision_positions.val(),
         )?;
-        norm(&mut out, "vision_model.pre_layrnorm", &self.pre_norm)?;
+        out.norm("vision_model.pre_layrnorm", &self.pre_norm)?;
         blocks(&mut out, "vision_model", &self.vision_blocks)?;
-        norm(&mut out, "vision_model.post_layernorm", &self.post_norm)?;
-        linear(&mut out, "visual_projection", &self.visual_projection)?;
+        out.norm("vision_model.post_layernorm", &self.post_norm)?;
+        out.linear("visual_projection", &self.visual_projection)?;
         // A 0-d tensor in transformers' state dict.
-        push(&mut out, "logit_scale".into(), self.logit_scale.val())?;
-        if let Some(last) = out.last_mut() {
+        out.tensor("logit_scale", self.logit_scale.val())?;
+        if let Some(last) = out.0.last_mut() {
             last.1.clear();
         }
         Ok(out)
@@ -342,24 +304,8 @@ pub fn save_hf(
     tokenizer: &ClipTokenizer,
     dir: &Path,
 ) -> Result<(), ModelError> {
-    use safetensors::{Dtype, tensor::TensorView};
     std::fs::create_dir_all(dir).map_err(|e| ModelError::at(dir, e))?;
-    let tensors = model.hf_tensors()?;
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((k, shape, _), b)| {
-            TensorView::new(Dtype::F32, shape.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| ModelError(format!("{k}: {e:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let weights = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, None, &weights).map_err(|e| ModelError::at(&weights, format!("{e:?}")))?;
+    model.state_dict()?.save(&dir.join("model.safetensors"))?;
     let cfg = dir.join("config.json");
     std::fs::write(
         &cfg,
@@ -431,26 +377,13 @@ pub fn train(
             .collect();
         let (ids, eos) = tokenize(tokenizer, &texts);
         let loss = model.loss(model.encode_image(pixels), model.encode_text(&ids, &eos, device));
-        let value = loss
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .ok()
-            .and_then(|v| v.first().copied())
-            .unwrap_or(f32::NAN) as f64;
+        let value = scalar(&loss);
         losses.push(value);
         progress(step, value);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let warm = ((step + 1) as f64 / 50.0).min(1.0);
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / options.steps as f64).cos());
-        model = optimizer.step(options.learning_rate * warm * (0.05 + 0.95 * cosine), model, grads);
+        model = optimizer.step(learning_rate(options.learning_rate, step, options.steps), model, grads);
     }
-    let tenth = (losses.len() / 10).max(1);
-    let loss_by_tenth = losses
-        .chunks(tenth)
-        .map(|c| c.iter().sum::<f64>() / c.len() as f64)
-        .collect();
+    let loss_by_tenth = by_tenth(&losses);
     (
         model,
         TrainLog {
