@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
-use divergen_models::diffusion::pipeline::{GenerateOptions, generate, read_latents};
+use divergen_models::diffusion::pipeline::{GenerateOptions, generate, latent_factor, read_latents};
 use divergen_models::diffusion::scheduler::SchedulerKind;
 use divergen_models::layers::Quantization;
 
@@ -81,7 +81,10 @@ pub fn run(request: &DeviceRequest, args: &GenerateArgs) -> Result<(), String> {
     }
     let (width, height) = args.size;
     let latents = match &args.latents {
-        Some(path) => Some(read_latents(path, [1, 4, height / 8, width / 8]).map_err(|e| e.to_string())?),
+        Some(path) => {
+            let f = latent_factor(&args.diffusion, args.taesd.as_deref()).map_err(|e| e.to_string())?;
+            Some(read_latents(path, [1, 4, height / f, width / f]).map_err(|e| e.to_string())?)
+        }
         None => None,
     };
     let device = open(request).map_err(|e| e.to_string())?;

@@ -8,6 +8,7 @@ mod png;
 mod run;
 mod segment;
 mod train;
+mod train_generator;
 
 use std::process::ExitCode;
 

@@ -31,7 +31,8 @@ pub struct GenerateOptions {
     /// Override the folder's scheduler.
     pub scheduler: Option<SchedulerKind>,
     pub seed: u64,
-    /// Initial latents `[1, 4, h/8, w/8]` instead of seeded noise (to reproduce a diffusers run).
+    /// Initial latents `[1, 4, h/f, w/f]` (f: the VAE's scale factor, 8 for SD) instead of
+    /// seeded noise (to reproduce a diffusers run).
     pub latents: Option<Vec<f32>>,
     pub width: usize,
     pub height: usize,
@@ -115,7 +116,7 @@ pub struct Request {
     pub prompt: String,
     pub negative_prompt: String,
     pub seed: u64,
-    /// Initial latents `[1, 4, h/8, w/8]` instead of seeded noise.
+    /// Initial latents `[1, 4, h/f, w/f]` instead of seeded noise.
     pub latents: Option<Vec<f32>>,
 }
 
@@ -164,6 +165,18 @@ pub struct StableDiffusion {
     text_encoder: Option<ClipTextModel>,
     unet: Option<UNet>,
     decoder: Option<Decoder>,
+    /// Image pixels per latent cell (diffusers' `vae_scale_factor`).
+    latent_factor: usize,
+}
+
+/// diffusers' `vae_scale_factor`: `2^(levels - 1)` of the folder's `AutoencoderKL`; TAESD's
+/// latents are always 8× smaller.
+pub fn latent_factor(dir: &Path, taesd: Option<&Path>) -> Result<usize, ModelError> {
+    if taesd.is_some() {
+        return Ok(8);
+    }
+    let config = super::vae::AutoencoderKlConfig::from_file(&dir.join("vae").join("config.json"))?;
+    Ok(1 << (config.block_out_channels.len() - 1))
 }
 
 fn checkpoint_f32_bytes(path: &Path) -> Result<u64, ModelError> {
@@ -195,8 +208,11 @@ impl StableDiffusion {
             ));
         }
         let (w, h) = (settings.width, settings.height);
-        if !w.is_multiple_of(8) || !h.is_multiple_of(8) || w == 0 || h == 0 {
-            return Err(ModelError(format!("size {w}x{h} must be positive multiples of 8")));
+        let factor = latent_factor(dir, settings.taesd.as_deref())?;
+        if !w.is_multiple_of(factor) || !h.is_multiple_of(factor) || w == 0 || h == 0 {
+            return Err(ModelError(format!(
+                "size {w}x{h} must be positive multiples of {factor} (the VAE's scale factor)"
+            )));
         }
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(|e| ModelError(e.to_string()))?;
         Ok(StableDiffusion {
@@ -208,6 +224,7 @@ impl StableDiffusion {
             text_encoder: None,
             unet: None,
             decoder: None,
+            latent_factor: factor,
         })
     }
 
@@ -250,7 +267,8 @@ impl StableDiffusion {
         let opts = &self.settings;
         let device = self.device.clone();
         let cfg = opts.guidance > 1.0;
-        let shape = [1, 4, opts.height / 8, opts.width / 8];
+        let f = self.latent_factor;
+        let shape = [1, 4, opts.height / f, opts.width / f];
         let n: usize = shape.iter().product();
         let mut peak_mib = Vec::new();
 

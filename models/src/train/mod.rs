@@ -2,6 +2,7 @@
 //! layouts the real-model loaders read.
 
 pub mod clip;
+pub mod diffusion;
 pub mod sam;
 
 use std::path::Path;

@@ -57,8 +57,8 @@ fn roughen(img: &mut RgbImage, rng: &mut StdRng) {
                     (1, 1),
                 ] {
                     let p = src.get_pixel((x + dx).clamp(0, w - 1) as u32, (y + dy).clamp(0, h - 1) as u32);
-                    for c in 0..3 {
-                        sum[c] += p.0[c] as u32;
+                    for (s, &v) in sum.iter_mut().zip(&p.0) {
+                        *s += v as u32;
                     }
                 }
                 img.put_pixel(x as u32, y as u32, Rgb(sum.map(|s| (s / 9) as u8)));

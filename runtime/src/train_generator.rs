@@ -1,0 +1,337 @@
+//! `divergen train generator`: the embedded default's tiny Stable Diffusion. Phase 1 trains an
+//! `AutoencoderKL` on fresh white-background renders; phase 2 trains a `UNet2DConditionModel`
+//! on their latents, conditioned on the tiny CLIP's text tower exactly as the pipeline will
+//! condition it (the folder's own `text_encoder/` and `tokenizer/`, through our loader).
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use divergen_kernels::device::{DeviceRequest, open};
+use divergen_models::clip::ClipTextModel;
+use divergen_models::clip_tokenizer::ClipTokenizer;
+use divergen_models::layers::Quantization;
+use divergen_models::train::diffusion::{
+    TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig, alphas_cumprod, write_pipeline_files,
+};
+use divergen_models::train::{by_tenth, learning_rate, scalar};
+use divergen_runtime::domain::render::{COLOURS, caption, white_render};
+use divergen_runtime::domain::shapes::SHAPES;
+use divergen_runtime::eval;
+use divergen_runtime::pipeline::mix_seed;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::train::{TrainGeneratorArgs, caption_variants};
+
+/// Images per side: the domain's renders.
+const SIDE: u32 = 64;
+
+pub fn vae_config() -> TinyVaeConfig {
+    TinyVaeConfig {
+        block_out_channels: vec![16, 32, 32],
+        layers_per_block: 1,
+        latent_channels: 4,
+        norm_num_groups: 8,
+        sample_size: SIDE as usize,
+    }
+}
+
+pub fn unet_config(cross_attention_dim: usize) -> TinyUnetConfig {
+    TinyUnetConfig {
+        block_out_channels: vec![32, 64],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        heads: 4,
+        cross_attention_dim,
+        in_channels: 4,
+        sample_size: SIDE as usize / 4,
+    }
+}
+
+/// `[3, S, S]` in [-1, 1], diffusers' image convention.
+fn to_unit(img: &image::RgbImage) -> Vec<f32> {
+    let plane = (img.width() * img.height()) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = p.0[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    out
+}
+
+/// A training render and the captions it may be paired with: the bank-style caption, shorter
+/// variants that keep the name, and DiverGen's template with the definition.
+fn draw(seed: u64, step: usize, item: usize, categories: &[eval::Category]) -> (Vec<f32>, Vec<String>) {
+    let mut rng = StdRng::seed_from_u64(mix_seed(seed ^ 0x6765_6e00, step as u64, item as u64));
+    let k = rng.random_range(0..SHAPES.len());
+    let (img, _, a) = white_render(k, SIDE, &mut rng);
+    let record = eval::Render {
+        file: String::new(),
+        mask: String::new(),
+        category_id: k as u32 + 1,
+        caption: caption(&a, SIDE as f64, rng.random_range(0..5)),
+        colour: COLOURS[a.colour].0.into(),
+        texture: a.texture.word().into(),
+    };
+    let c = &categories[k];
+    let mut captions = caption_variants(&record, &c.name);
+    captions.push(format!(
+        "a photo of a single {}, {}, in a white background",
+        c.name.replace('_', " "),
+        c.def
+    ));
+    (to_unit(&img), captions)
+}
+
+fn batch_tensor(images: Vec<Vec<f32>>, device: &Device) -> Tensor<4> {
+    let n = images.len();
+    let s = SIDE as usize;
+    Tensor::from_data(
+        TensorData::new(images.into_iter().flatten().collect::<Vec<_>>(), [n, 3, s, s]),
+        device,
+    )
+}
+
+/// The CLIP folder's text tower as a `CLIPTextModel` folder, and its tokenizer.
+fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
+    let config_path = clip.join("config.json");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| format!("{}: {e}", config_path.display()))?)
+            .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let mut text = config.get("text_config").cloned().ok_or_else(|| {
+        format!(
+            "{}: no text_config (a CLIPModel folder is expected)",
+            config_path.display()
+        )
+    })?;
+    text["architectures"] = serde_json::json!(["CLIPTextModel"]);
+    text["model_type"] = serde_json::json!("clip_text_model");
+    let hidden = text["hidden_size"]
+        .as_u64()
+        .ok_or_else(|| format!("{}: text_config.hidden_size missing", config_path.display()))?
+        as usize;
+    let dir = out.join("text_encoder");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&text).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let weights = clip.join("model.safetensors");
+    let bytes = std::fs::read(&weights).map_err(|e| format!("{}: {e}", weights.display()))?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e:?}", weights.display()))?;
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("text_model."))
+        .collect();
+    let target = dir.join("model.safetensors");
+    safetensors::serialize_to_file(kept, None, &target).map_err(|e| format!("{}: {e:?}", target.display()))?;
+    let tokenizer = ClipTokenizer::from_dir(clip).map_err(|e| format!("{}: {e}", clip.display()))?;
+    let tokenizer_dir = out.join("tokenizer");
+    std::fs::create_dir_all(&tokenizer_dir).map_err(|e| format!("{}: {e}", tokenizer_dir.display()))?;
+    tokenizer
+        .save_hf(&tokenizer_dir)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(hidden)
+}
+
+pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
+    use burn::optim::{AdamConfig, GradientsParams};
+    let categories = eval::read_categories(&args.domain)?;
+    if categories.len() != SHAPES.len() {
+        return Err(format!(
+            "{}: {} categories, the procedural domain has {}",
+            args.domain.display(),
+            categories.len(),
+            SHAPES.len()
+        ));
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let hidden = write_text_encoder(&args.clip, &args.out)?;
+    write_pipeline_files(&args.out).map_err(|e| e.to_string())?;
+    let device = Device::flex().autodiff();
+    device.seed(args.seed);
+    let mut rng = StdRng::seed_from_u64(args.seed);
+
+    // Phase 1: the autoencoder.
+    let vae_dir = args.out.join("vae");
+    let vcfg = vae_config();
+    let start = std::time::Instant::now();
+    let mut vae = TinyVae::new(&vcfg, &device);
+    let mut vae_losses = Vec::new();
+    let bar = indicatif::ProgressBar::new(args.vae_steps as u64);
+    let mut optimizer = AdamConfig::new().init();
+    for step in 0..args.vae_steps {
+        let images: Vec<Vec<f32>> = (0..args.vae_batch)
+            .map(|i| draw(args.seed, step, i, &categories).0)
+            .collect();
+        let x = batch_tensor(images, &device);
+        let (mean, logvar) = vae.encode(x.clone());
+        let std = (logvar.clone() * 0.5).exp();
+        let z = mean.clone() + std.clone() * Tensor::random(mean.dims(), Distribution::Normal(0.0, 1.0), &device);
+        let recon = vae.decode(z);
+        let mse = (recon - x).powf_scalar(2.0).mean();
+        let kl = ((mean.powf_scalar(2.0) + logvar.clone().exp() - logvar - 1.0) * 0.5).mean();
+        let loss = mse.clone() + kl * 1e-4;
+        let value = scalar(&mse);
+        vae_losses.push(value);
+        bar.set_position(step as u64 + 1);
+        bar.set_message(format!("VAE mse {value:.4}"));
+        if step % 50 == 0 {
+            log::info!("VAE step {step}: mse {value:.5}");
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &vae);
+        vae = optimizer.step(learning_rate(args.lr, step, args.vae_steps), vae, grads);
+    }
+    bar.finish_and_clear();
+    let vae_seconds = start.elapsed().as_secs_f64();
+    // From here the VAE is frozen: its encoder runs on the plain device (on the autodiff one,
+    // every encode would keep a graph alive: 4,096 renders filled 24 GB).
+    let plain = Device::flex();
+    let encoder = vae.valid();
+    // diffusers' scaling factor: 1 / std of the latents, measured on fresh renders.
+    let probe: Vec<Vec<f32>> = (0..64)
+        .map(|i| draw(args.seed ^ 1, usize::MAX / 2, i, &categories).0)
+        .collect();
+    let (mean, _) = encoder.encode(batch_tensor(probe, &plain));
+    let latents: Vec<f32> = mean
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
+    let mu = latents.iter().map(|&v| v as f64).sum::<f64>() / latents.len() as f64;
+    let var = latents.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / latents.len() as f64;
+    let scaling = (1.0 / var.sqrt()) as f32;
+    vae.save(&vae_dir, scaling).map_err(|e| e.to_string())?;
+    println!(
+        "VAE → {} in {vae_seconds:.0} s; MSE by tenth {:?}; scaling factor {scaling:.4}",
+        vae_dir.display(),
+        by_tenth(&vae_losses)
+            .iter()
+            .map(|l| (l * 1e4).round() / 1e4)
+            .collect::<Vec<_>>()
+    );
+
+    // Phase 2: the UNet, conditioned through the pipeline's own text encoder.
+    let request = DeviceRequest::from_env().map_err(|e| e.to_string())?;
+    let text_device = open(&request).map_err(|e| e.to_string())?;
+    let text_encoder =
+        ClipTextModel::load_text_encoder(&args.out.join("text_encoder"), Quantization::None, &text_device.device)
+            .map_err(|e| e.to_string())?;
+    let tokenizer = ClipTokenizer::from_dir(&args.out.join("tokenizer")).map_err(|e| e.to_string())?;
+    let ucfg = unet_config(hidden);
+    let mut unet = TinyUnet::new(&ucfg, &device);
+    let alphas = alphas_cumprod();
+    let start = std::time::Instant::now();
+    let mut unet_losses = Vec::new();
+    let bar = indicatif::ProgressBar::new(args.unet_steps as u64);
+    let mut optimizer = AdamConfig::new().init();
+    // Encode a fixed set of fresh renders once (the encoder costs as much per image as a UNet
+    // step), then draw batches from it.
+    let encode_start = std::time::Instant::now();
+    let mut set: Vec<(Vec<f32>, Vec<String>)> = Vec::with_capacity(args.latent_set);
+    for chunk in 0..args.latent_set.div_ceil(64) {
+        let drawn: Vec<(Vec<f32>, Vec<String>)> = (0..64.min(args.latent_set - chunk * 64))
+            .map(|i| draw(args.seed ^ 2, chunk, i, &categories))
+            .collect();
+        let n = drawn.len();
+        let (images, captions): (Vec<_>, Vec<_>) = drawn.into_iter().unzip();
+        let (mean, _) = encoder.encode(batch_tensor(images, &plain));
+        let [_, c, h, w] = mean.dims();
+        let values: Vec<f32> = (mean * scaling as f64)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
+        let per = c * h * w;
+        for (i, captions) in captions.into_iter().enumerate().take(n) {
+            set.push((values[i * per..(i + 1) * per].to_vec(), captions));
+        }
+    }
+    log::info!(
+        "encoded {} renders to latents in {:.0} s",
+        set.len(),
+        encode_start.elapsed().as_secs_f64()
+    );
+    let latent_side = SIDE as usize / vcfg.scale_factor();
+    for step in 0..args.unet_steps {
+        let picked: Vec<&(Vec<f32>, Vec<String>)> = (0..args.unet_batch)
+            .map(|_| &set[rng.random_range(0..set.len())])
+            .collect();
+        // 10 % empty captions: the unconditional branch of classifier-free guidance.
+        let texts: Vec<String> = picked
+            .iter()
+            .map(|(_, c)| {
+                if rng.random_bool(0.1) {
+                    String::new()
+                } else {
+                    c[rng.random_range(0..c.len())].clone()
+                }
+            })
+            .collect();
+        let pad = tokenizer.end_id();
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode_padded(t, pad).0).collect();
+        let context = text_encoder.hidden_states(&ids, 0).map_err(|e| e.to_string())?;
+        let dims = context.dims();
+        let context: Vec<f32> = context
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
+        let context = Tensor::<3>::from_data(TensorData::new(context, dims), &device);
+        let latents: Vec<f32> = picked.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+        let z = Tensor::<4>::from_data(
+            TensorData::new(latents, [picked.len(), vcfg.latent_channels, latent_side, latent_side]),
+            &device,
+        );
+        let n = args.unet_batch;
+        let t: Vec<usize> = (0..n).map(|_| rng.random_range(0..alphas.len())).collect();
+        let [_, c, h, w] = z.dims();
+        let coef = |f: &dyn Fn(f64) -> f64| {
+            let v: Vec<f32> = t.iter().map(|&t| f(alphas[t]) as f32).collect();
+            Tensor::<4>::from_data(TensorData::new(v, [n, 1, 1, 1]), &device)
+        };
+        let noise = Tensor::<4>::random([n, c, h, w], Distribution::Normal(0.0, 1.0), &device);
+        let noisy = z * coef(&|a| a.sqrt()) + noise.clone() * coef(&|a| (1.0 - a).sqrt());
+        let steps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+        let pred = unet.forward(noisy, &steps, context);
+        let loss = (pred - noise).powf_scalar(2.0).mean();
+        let value = scalar(&loss);
+        unet_losses.push(value);
+        bar.set_position(step as u64 + 1);
+        bar.set_message(format!("UNet loss {value:.4}"));
+        if step % 50 == 0 {
+            log::info!("UNet step {step}: loss {value:.5}");
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &unet);
+        unet = optimizer.step(learning_rate(args.lr, step, args.unet_steps), unet, grads);
+        if (step + 1) % 500 == 0 {
+            unet.save(&args.out.join("unet")).map_err(|e| e.to_string())?;
+        }
+    }
+    bar.finish_and_clear();
+    let unet_seconds = start.elapsed().as_secs_f64();
+    unet.save(&args.out.join("unet")).map_err(|e| e.to_string())?;
+    let record = serde_json::json!({
+        "vae": {"config": vcfg, "steps": args.vae_steps, "batch": args.vae_batch, "seconds": vae_seconds,
+                "mse_by_tenth": by_tenth(&vae_losses), "scaling_factor": scaling},
+        "unet": {"config": ucfg, "steps": args.unet_steps, "batch": args.unet_batch, "seconds": unet_seconds,
+                 "loss_by_tenth": by_tenth(&unet_losses)},
+        "lr": args.lr, "seed": args.seed, "clip": args.clip,
+    });
+    let path = args.out.join("training.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "UNet → {} in {unet_seconds:.0} s; loss by tenth {:?}",
+        args.out.display(),
+        by_tenth(&unet_losses)
+            .iter()
+            .map(|l| (l * 1e4).round() / 1e4)
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The embedded default's tiny generator: an `AutoencoderKL` and a `UNet2DConditionModel`
+//! trained with burn's own modules must come out with diffusers' keys and configs, so our
+//! loaders read them and compute the same outputs with our kernels.
+
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use divergen_kernels::testing::devices;
+use divergen_models::diffusion::unet::UNet;
+use divergen_models::diffusion::vae::VaeDecoder;
+use divergen_models::layers::Quantization;
+use divergen_models::train::diffusion::{TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig};
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+fn max_rel_err(want: &[f32], got: &[f32]) -> f32 {
+    assert_eq!(want.len(), got.len());
+    let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1e-3);
+    want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+}
+
+#[test]
+fn the_exported_tiny_vae_decoder_matches_the_trained_model() {
+    let c = TinyVaeConfig {
+        block_out_channels: vec![16, 32],
+        layers_per_block: 1,
+        latent_channels: 4,
+        norm_num_groups: 8,
+        sample_size: 16,
+    };
+    let train = Device::flex();
+    train.seed(7);
+    let vae = TinyVae::new(&c, &train);
+    let dir = tempfile::tempdir().unwrap();
+    vae.save(dir.path(), 0.5).unwrap();
+    let image = Tensor::<4>::random([2, 3, 16, 16], Distribution::Uniform(-1.0, 1.0), &train);
+    let (mean, logvar) = vae.encode(image);
+    assert_eq!(mean.dims(), [2, 4, 8, 8]);
+    assert_eq!(logvar.dims(), [2, 4, 8, 8]);
+    let z = values(mean.clone());
+    let want = values(vae.decode(mean));
+    for d in devices() {
+        let decoder = VaeDecoder::load(dir.path(), &d.device).unwrap();
+        // The pipeline hands the decoder scaled latents.
+        let latents = Tensor::<4>::from_data(TensorData::new(z.clone(), [2, 4, 8, 8]), &d.device) * 0.5;
+        let got = values(decoder.decode(latents));
+        let err = max_rel_err(&want, &got);
+        assert!(err < 1e-4, "{}: relative error {err}", d.label);
+    }
+}
+
+#[test]
+fn the_exported_tiny_unet_matches_the_trained_model() {
+    let c = TinyUnetConfig {
+        block_out_channels: vec![16, 32],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        heads: 4,
+        cross_attention_dim: 24,
+        in_channels: 4,
+        sample_size: 8,
+    };
+    let train = Device::flex();
+    train.seed(8);
+    let unet = TinyUnet::new(&c, &train);
+    let dir = tempfile::tempdir().unwrap();
+    unet.save(dir.path()).unwrap();
+    let sample = values(Tensor::<4>::random(
+        [2, 4, 8, 8],
+        Distribution::Normal(0.0, 1.0),
+        &train,
+    ));
+    let context = values(Tensor::<3>::random([2, 5, 24], Distribution::Normal(0.0, 1.0), &train));
+    let steps = [981.0f32, 21.0];
+    let want = values(unet.forward(
+        Tensor::from_data(TensorData::new(sample.clone(), [2, 4, 8, 8]), &train),
+        &steps,
+        Tensor::from_data(TensorData::new(context.clone(), [2, 5, 24]), &train),
+    ));
+    for d in devices() {
+        let loaded = UNet::load(dir.path(), Quantization::None, &d.device).unwrap();
+        let got = values(
+            loaded
+                .forward(
+                    Tensor::from_data(TensorData::new(sample.clone(), [2, 4, 8, 8]), &d.device),
+                    &steps,
+                    Tensor::from_data(TensorData::new(context.clone(), [2, 5, 24]), &d.device),
+                )
+                .unwrap(),
+        );
+        let err = max_rel_err(&want, &got);
+        assert!(err < 1e-4, "{}: relative error {err}", d.label);
+    }
+}
