@@ -196,8 +196,10 @@ fn backends_for(request: &DeviceRequest) -> Result<wgpu::Backends, DeviceError> 
             "metal" => Ok(wgpu::Backends::METAL),
             "dx12" => Ok(wgpu::Backends::DX12),
             "auto" | "any" => Ok(all),
+            // burn's CPU backend, skipping any adapter (lavapipe included).
+            "cpu" => Ok(wgpu::Backends::empty()),
             other => Err(DeviceError::BadSetting(format!(
-                "backend '{other}' is not one of: vulkan, metal, dx12, auto"
+                "backend '{other}' is not one of: vulkan, metal, dx12, cpu, auto"
             ))),
         },
     }
@@ -259,6 +261,19 @@ fn pick(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<(usize, wg
 /// Each call creates a new logical device; callers keep the result and clone its `device`.
 pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
     let backends = backends_for(request)?;
+    if backends.is_empty() {
+        if request.require_gpu {
+            return Err(DeviceError::BadSetting(format!(
+                "backend 'cpu' asked for while {ENV_REQUIRE_GPU}=1 requires a GPU"
+            )));
+        }
+        return Ok(ComputeDevice {
+            device: Device::flex(),
+            adapter: None,
+            limits: request.limits,
+            granted: None,
+        });
+    }
     let instance = instance(backends);
     let adapters = pollster::block_on(instance.enumerate_adapters(backends));
     let (index, adapter) = match pick(adapters, request.adapter.as_deref()) {

@@ -56,10 +56,15 @@ pub fn class_prompt(name: &str) -> String {
 
 /// Zero-shot classification of the held-out renders: the category whose prompt embedding is
 /// closest to the image's.
-pub fn clip_zero_shot(clip_dir: &Path, domain: &Path, device: &Device) -> Result<ZeroShot, String> {
+pub fn clip_zero_shot(
+    clip_dir: &Path,
+    domain: &Path,
+    quant: Quantization,
+    device: &Device,
+) -> Result<ZeroShot, String> {
     let categories = read_categories(domain)?;
     let renders = read_renders(domain, "val")?;
-    let clip = Clip::load(clip_dir, Quantization::None, device).map_err(|e| e.to_string())?;
+    let clip = Clip::load(clip_dir, quant, device).map_err(|e| e.to_string())?;
     let tokenizer = ClipTokenizer::from_dir(clip_dir).map_err(|e| e.to_string())?;
     let prompts: Vec<String> = categories.iter().map(|c| class_prompt(&c.name)).collect();
     let texts = embed_texts(&clip, &tokenizer, &prompts)?;
@@ -123,7 +128,10 @@ pub struct SamQuality {
 pub struct CategoryIou {
     pub id: u32,
     pub name: String,
+    pub renders: usize,
     pub render_iou: f64,
+    /// Held-out scene instances of the category (rare ones may have none).
+    pub instances: usize,
     pub box_iou: f64,
 }
 
@@ -150,13 +158,19 @@ pub fn annotated_mask(a: &crate::pipeline::annotation::Annotated, w: usize, h: u
 
 /// SAM's two quality bars on the domain's held-out data; `limit` takes every n-th item for a
 /// quick check.
-pub fn sam_quality(sam_path: &Path, domain: &Path, stride: usize, device: &Device) -> Result<SamQuality, String> {
+pub fn sam_quality(
+    sam_path: &Path,
+    domain: &Path,
+    stride: usize,
+    quant: Quantization,
+    device: &Device,
+) -> Result<SamQuality, String> {
     use crate::pipeline::annotation::{corner_prompt, instance_from_background};
     use crate::pipeline::real_data::RealDataset;
     use divergen_models::sam::{Prompt, Sam};
     let stride = stride.max(1);
     let categories = read_categories(domain)?;
-    let sam = Sam::load(sam_path, Quantization::None, device).map_err(|e| e.to_string())?;
+    let sam = Sam::load(sam_path, quant, device).map_err(|e| e.to_string())?;
     let k_of = |id: u32| categories.iter().position(|c| c.id == id).ok_or("unknown category");
     let mut render_sum = vec![(0f64, 0usize); categories.len()];
     let mut drops = 0;
@@ -229,7 +243,9 @@ pub fn sam_quality(sam_path: &Path, domain: &Path, stride: usize, device: &Devic
             .map(|(k, c)| CategoryIou {
                 id: c.id,
                 name: c.name.clone(),
+                renders: render_sum[k].1,
                 render_iou: render_sum[k].0 / render_sum[k].1.max(1) as f64,
+                instances: box_sum[k].1,
                 box_iou: box_sum[k].0 / box_sum[k].1.max(1) as f64,
             })
             .collect(),

@@ -1,6 +1,7 @@
 //! The device side of divergen. The `divergen` binary is a thin CLI over this library.
 
 pub mod domain;
+pub mod embedded;
 pub mod eval;
 pub mod pipeline;
 pub mod stream;

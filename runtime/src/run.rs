@@ -10,8 +10,10 @@ use divergen_runtime::pipeline::{self, Destination};
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The run's TOML config (categories, generators, SAM, CLIP, real dataset, paste, budget).
+    /// Without it, the embedded default runs: the procedural domain and the project's tiny
+    /// models, written under `<out>/embedded/`, and the report is drawn at the end.
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// Run folder: instance pool, records, report inputs, and the dataset unless --host is given.
     #[arg(long, default_value = "divergen-out")]
     pub out: PathBuf,
@@ -43,7 +45,11 @@ pub struct ReportArgs {
 }
 
 pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<(), String> {
-    let mut config = RunConfig::from_file(&args.config)?;
+    let config_path = match &args.config {
+        Some(path) => path.clone(),
+        None => divergen_runtime::embedded::prepare(&args.out.join("embedded"))?,
+    };
+    let mut config = RunConfig::from_file(&config_path)?;
     if let Some(b) = args.budget_mib {
         config.budget_mib = Some(b);
     }
@@ -57,6 +63,11 @@ pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<(), String> {
     };
     let device = open(request).map_err(|e| e.to_string())?;
     let manifest = pipeline::run(&config, &args.out, &destination, &device.device, &device.describe())?;
+    let report = if args.config.is_none() && args.host.is_none() {
+        Some(pipeline::report::render(&args.out, 4)?)
+    } else {
+        None
+    };
     if args.json {
         println!(
             "{}",
@@ -107,6 +118,13 @@ pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<(), String> {
         manifest.paste.dropped_by_occlusion
     );
     println!("  manifest {}", args.out.join(pipeline::MANIFEST).display());
+    if let Some(report) = report {
+        println!(
+            "  report: {} PNGs in {}",
+            report.files.len(),
+            args.out.join("report").display()
+        );
+    }
     Ok(())
 }
 

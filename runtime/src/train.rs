@@ -14,6 +14,8 @@ use divergen_runtime::domain::DomainConfig;
 use divergen_runtime::domain::render::{COLOURS, caption, white_render};
 use divergen_runtime::domain::shapes::SHAPES;
 use divergen_runtime::domain::training::sam_example;
+
+use crate::embed::QuantArg;
 use divergen_runtime::eval;
 use divergen_runtime::pipeline::mix_seed;
 use rand::rngs::StdRng;
@@ -127,6 +129,9 @@ pub struct EvalGeneratorArgs {
     /// Write the generated images here.
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// The UNet's and text encoder's weights (the VAE stays f32).
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: QuantArg,
     #[arg(long)]
     pub json: bool,
 }
@@ -140,6 +145,8 @@ pub struct EvalSamArgs {
     /// Evaluate every n-th render and scene only.
     #[arg(long, default_value_t = 1)]
     pub stride: usize,
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: QuantArg,
     #[arg(long)]
     pub json: bool,
 }
@@ -150,6 +157,8 @@ pub struct EvalClipArgs {
     pub domain: PathBuf,
     #[arg(long, default_value = "tiny-clip")]
     pub clip: PathBuf,
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: QuantArg,
     #[arg(long)]
     pub json: bool,
 }
@@ -403,7 +412,7 @@ pub fn run_eval(request: &DeviceRequest, command: &EvalCommand) -> Result<(), St
                 latents: None,
                 width: args.size,
                 height: args.size,
-                quant: divergen_models::layers::Quantization::None,
+                quant: args.quant.into(),
                 clip_skip: 0,
                 taesd: None,
             };
@@ -443,7 +452,7 @@ pub fn run_eval(request: &DeviceRequest, command: &EvalCommand) -> Result<(), St
         }
         EvalCommand::Sam(args) => {
             let device = open(request).map_err(|e| e.to_string())?;
-            let report = eval::sam_quality(&args.sam, &args.domain, args.stride, &device.device)?;
+            let report = eval::sam_quality(&args.sam, &args.domain, args.stride, args.quant.into(), &device.device)?;
             if args.json {
                 println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
             } else {
@@ -452,14 +461,19 @@ pub fn run_eval(request: &DeviceRequest, command: &EvalCommand) -> Result<(), St
                     report.render_iou, report.renders, report.render_drops, report.box_iou, report.scene_instances
                 );
                 for c in &report.per_category {
-                    println!("  {:<16} render {:.3}  box {:.3}", c.name, c.render_iou, c.box_iou);
+                    let boxes = if c.instances == 0 {
+                        "no scene instances".to_string()
+                    } else {
+                        format!("box {:.3} ({} instances)", c.box_iou, c.instances)
+                    };
+                    println!("  {:<16} render {:.3}  {boxes}", c.name, c.render_iou);
                 }
             }
             Ok(())
         }
         EvalCommand::Clip(args) => {
             let device = open(request).map_err(|e| e.to_string())?;
-            let report = eval::clip_zero_shot(&args.clip, &args.domain, &device.device)?;
+            let report = eval::clip_zero_shot(&args.clip, &args.domain, args.quant.into(), &device.device)?;
             if args.json {
                 println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
             } else {

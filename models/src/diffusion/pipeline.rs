@@ -301,7 +301,9 @@ impl StableDiffusion {
         let encode_ms = start.elapsed().as_secs_f64() * 1e3;
         peak_mib.extend(peak(&device).map(|m| ("text encoder".to_string(), m)));
 
-        // Stage 2: denoise each image.
+        // Stage 2: denoise. Images go through the UNet together, as many per pass as fit the
+        // latent volume of one 512² SD image (on a small model a pass is dominated by kernel
+        // launches, so this is where batching pays; at SD sizes it stays one image at a time).
         let start = std::time::Instant::now();
         let mut timesteps = Vec::new();
         let mut all_latents = Vec::with_capacity(requests.len());
@@ -309,48 +311,80 @@ impl StableDiffusion {
             self.unet = Some(UNet::load(&self.dir.join("unet"), opts.quant, &device)?);
         }
         let unet = self.unet.as_ref().expect("loaded above");
-        for (r, context) in requests.iter().zip(contexts) {
+        let per_pass = (4 * 64 * 64 / n).max(1);
+        let mut contexts = contexts.into_iter();
+        for chunk in requests.chunks(per_pass) {
+            let k = chunk.len();
             let mut scheduler =
                 Scheduler::from_file(&self.dir.join("scheduler/scheduler_config.json"), opts.scheduler)?;
             scheduler.set_timesteps(opts.steps)?;
-            let initial = match &r.latents {
-                Some(l) if l.len() != n => {
-                    return Err(ModelError(format!(
-                        "latents hold {} values, {shape:?} needs {n}",
-                        l.len()
-                    )));
+            let mut initial = Vec::with_capacity(k * n);
+            for r in chunk {
+                match &r.latents {
+                    Some(l) if l.len() != n => {
+                        return Err(ModelError(format!(
+                            "latents hold {} values, {shape:?} needs {n}",
+                            l.len()
+                        )));
+                    }
+                    Some(l) => initial.extend_from_slice(l),
+                    None => initial.extend(seeded_noise(r.seed, n)),
                 }
-                Some(l) => l.clone(),
-                None => seeded_noise(r.seed, n),
+            }
+            let batch_shape = [k, shape[1], shape[2], shape[3]];
+            // Under guidance each context is [negative, prompt]: the UNet takes all negatives,
+            // then all prompts.
+            let ctx: Vec<Tensor<3>> = contexts.by_ref().take(k).collect();
+            let context = if cfg {
+                let [_, s, d] = ctx[0].dims();
+                let part = |i: usize| {
+                    ctx.iter()
+                        .map(|c| c.clone().slice([i..i + 1, 0..s, 0..d]))
+                        .collect::<Vec<_>>()
+                };
+                Tensor::cat([part(0), part(1)].concat(), 0)
+            } else {
+                Tensor::cat(ctx, 0)
             };
             let mut latents =
-                Tensor::<4>::from_data(TensorData::new(initial, shape), &device) * scheduler.init_noise_sigma();
+                Tensor::<4>::from_data(TensorData::new(initial, batch_shape), &device) * scheduler.init_noise_sigma();
             let mut draws = 0u64;
             timesteps = scheduler.timesteps().to_vec();
             for &t in &timesteps {
                 let x = scheduler.scale_model_input(latents.clone());
                 let (input, ts) = if cfg {
-                    (Tensor::cat(vec![x.clone(), x], 0), vec![t, t])
+                    (Tensor::cat(vec![x.clone(), x], 0), vec![t; 2 * k])
                 } else {
-                    (x, vec![t])
+                    (x, vec![t; k])
                 };
                 let out = unet.forward(input, &ts, context.clone())?;
                 let noise_pred = if cfg {
                     let [_, c, h, w] = out.dims();
-                    let uncond = out.clone().slice([0..1, 0..c, 0..h, 0..w]);
-                    let text = out.slice([1..2, 0..c, 0..h, 0..w]);
+                    let uncond = out.clone().slice([0..k, 0..c, 0..h, 0..w]);
+                    let text = out.slice([k..2 * k, 0..c, 0..h, 0..w]);
                     uncond.clone() + (text - uncond) * opts.guidance
                 } else {
                     out
                 };
+                // Each image draws its own seeded noise, so an image does not depend on its
+                // batch.
                 let mut noise = || {
                     draws += 1;
-                    let seed = r.seed.wrapping_add(draws.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    Tensor::<4>::from_data(TensorData::new(seeded_noise(seed, n), shape), &device)
+                    let values: Vec<f32> = chunk
+                        .iter()
+                        .flat_map(|r| {
+                            let seed = r.seed.wrapping_add(draws.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                            seeded_noise(seed, n)
+                        })
+                        .collect();
+                    Tensor::<4>::from_data(TensorData::new(values, batch_shape), &device)
                 };
                 latents = scheduler.step(noise_pred, latents, &mut noise)?;
             }
-            all_latents.push(latents);
+            let [_, c, h, w] = latents.dims();
+            for i in 0..k {
+                all_latents.push(latents.clone().slice([i..i + 1, 0..c, 0..h, 0..w]));
+            }
         }
         sync(&device)?;
         if !self.residency.unet {
