@@ -127,22 +127,29 @@ impl SamConfig {
         config.decoder.depth = depth;
         // `build_sam` fixes the prompt and decoder widths (256, MLP 2048); smaller SAMs such as
         // the embedded default's are read off the shapes. The head count is not in the shapes
-        // and stays SAM's 8.
+        // and stays SAM's 8. A missing key keeps SAM's value, so the loader's error names the
+        // key and the shape it expected.
         let keys = ckpt.keys();
-        let dim = |key: &str, axis: usize| {
+        let dim = |key: &str, axis: usize, default: usize| {
             keys.iter()
                 .find(|(k, _)| k == key)
                 .and_then(|(_, s)| s.get(axis).copied())
-                .ok_or_else(|| ModelError::at(ckpt.path(), format!("missing tensor {key}")))
+                .unwrap_or(default)
         };
-        let width = dim("mask_decoder.iou_token.weight", 1)?;
+        let width = dim("mask_decoder.iou_token.weight", 1, config.prompt_embed_dim);
         config.prompt_embed_dim = width;
-        config.mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0)?;
+        config.mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0, config.mask_in_chans);
         config.decoder.transformer_dim = width;
-        if depth > 0 {
-            config.decoder.mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
-        }
-        config.decoder.iou_head_hidden_dim = dim("mask_decoder.iou_prediction_head.layers.0.weight", 0)?;
+        config.decoder.mlp_dim = dim(
+            "mask_decoder.transformer.layers.0.mlp.lin1.weight",
+            0,
+            config.decoder.mlp_dim,
+        );
+        config.decoder.iou_head_hidden_dim = dim(
+            "mask_decoder.iou_prediction_head.layers.0.weight",
+            0,
+            config.decoder.iou_head_hidden_dim,
+        );
         let out_chans = match &config.encoder {
             EncoderConfig::Vit(c) => Some(c.out_chans),
             EncoderConfig::TinyVit(_) => None,
