@@ -126,16 +126,7 @@ impl PromptEncoder {
     /// `PositionEmbeddingRandom._pe_encoding` of one point in [0, 1]²: sin and cos of
     /// 2π·((2p - 1)·G).
     fn encode(&self, p: [f64; 2]) -> Vec<f32> {
-        let half = self.embed_dim / 2;
-        let (x, y) = (2.0 * p[0] - 1.0, 2.0 * p[1] - 1.0);
-        let angles: Vec<f64> = (0..half)
-            .map(|j| 2.0 * std::f64::consts::PI * (x * self.gaussian[j] as f64 + y * self.gaussian[half + j] as f64))
-            .collect();
-        angles
-            .iter()
-            .map(|a| a.sin() as f32)
-            .chain(angles.iter().map(|a| a.cos() as f32))
-            .collect()
+        random_fourier(&self.gaussian, p)
     }
 
     /// Sparse tokens `[1, N, embed_dim]` for points (coordinates in the input frame) and an
@@ -218,4 +209,19 @@ impl PromptEncoder {
     pub fn mask_input_size(&self) -> usize {
         4 * self.grid
     }
+}
+
+/// `PositionEmbeddingRandom._pe_encoding` of one point in [0, 1]² with the `[2, D/2]` matrix
+/// `gaussian` (row-major): sin and cos of 2π·((2p - 1)·G), `D` values.
+pub fn random_fourier(gaussian: &[f32], p: [f64; 2]) -> Vec<f32> {
+    let half = gaussian.len() / 2;
+    let (x, y) = (2.0 * p[0] - 1.0, 2.0 * p[1] - 1.0);
+    let angles: Vec<f64> = (0..half)
+        .map(|j| 2.0 * std::f64::consts::PI * (x * gaussian[j] as f64 + y * gaussian[half + j] as f64))
+        .collect();
+    angles
+        .iter()
+        .map(|a| a.sin() as f32)
+        .chain(angles.iter().map(|a| a.cos() as f32))
+        .collect()
 }

@@ -513,16 +513,7 @@ impl TinySam {
 
     /// `_pe_encoding` of a point in [0, 1]².
     fn pe(&self, x: f64, y: f64) -> Vec<f32> {
-        let half = self.config.prompt_embed_dim / 2;
-        let (x, y) = (2.0 * x - 1.0, 2.0 * y - 1.0);
-        let angles: Vec<f64> = (0..half)
-            .map(|j| 2.0 * std::f64::consts::PI * (x * self.gaussian[j] as f64 + y * self.gaussian[half + j] as f64))
-            .collect();
-        angles
-            .iter()
-            .map(|a| a.sin() as f32)
-            .chain(angles.iter().map(|a| a.cos() as f32))
-            .collect()
+        crate::sam::prompt_encoder::random_fourier(&self.gaussian, [x, y])
     }
 
     /// `get_dense_pe`: `[1, g², dim]`.
