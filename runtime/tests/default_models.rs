@@ -8,22 +8,28 @@ use divergen_models::layers::Quantization;
 use divergen_runtime::domain::{DomainConfig, write};
 use divergen_runtime::eval::{GeneratorEval, clip_zero_shot, generator_quality, sam_quality};
 
-#[test]
-fn the_tiny_clip_recognises_held_out_renders() {
-    let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("default/tiny-clip");
+/// A domain with only its held-out split drawn: `scenes` scenes and `renders` renders per
+/// category.
+fn held_out(scenes: usize, renders: usize) -> tempfile::TempDir {
     let domain = tempfile::tempdir().unwrap();
-    // The domain's held-out split, 4 renders per category.
     write(
         domain.path(),
         &DomainConfig {
             train_scenes: 1,
-            val_scenes: 1,
+            val_scenes: scenes,
             train_renders_per_category: 0,
-            val_renders_per_category: 4,
+            val_renders_per_category: renders,
             ..Default::default()
         },
     )
     .unwrap();
+    domain
+}
+
+#[test]
+fn the_tiny_clip_recognises_held_out_renders() {
+    let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("default/tiny-clip");
+    let domain = held_out(1, 4);
     let report = clip_zero_shot(&clip, domain.path(), Quantization::None, &devices()[0].device).unwrap();
     assert_eq!(report.images, 18 * 4);
     // The bar is 90 % on 16 renders per category (`divergen eval clip`, measured 91.7 %); on
@@ -34,18 +40,7 @@ fn the_tiny_clip_recognises_held_out_renders() {
 #[test]
 fn the_tiny_sam_segments_held_out_renders_and_scene_instances() {
     let sam = Path::new(env!("CARGO_MANIFEST_DIR")).join("default/tiny-sam/model.safetensors");
-    let domain = tempfile::tempdir().unwrap();
-    write(
-        domain.path(),
-        &DomainConfig {
-            train_scenes: 1,
-            val_scenes: 6,
-            train_renders_per_category: 0,
-            val_renders_per_category: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let domain = held_out(6, 2);
     let report = sam_quality(&sam, domain.path(), 1, Quantization::None, &devices()[0].device).unwrap();
     assert_eq!(report.renders, 18 * 2);
     assert!(
@@ -64,18 +59,7 @@ fn the_tiny_generator_draws_recognisable_instances() {
     use divergen_models::diffusion::pipeline::GenerateOptions;
     use divergen_models::diffusion::scheduler::SchedulerKind;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("default");
-    let domain = tempfile::tempdir().unwrap();
-    write(
-        domain.path(),
-        &DomainConfig {
-            train_scenes: 1,
-            val_scenes: 1,
-            train_renders_per_category: 0,
-            val_renders_per_category: 4,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let domain = held_out(1, 4);
     let report = generator_quality(
         &GeneratorEval {
             generator: &root.join("tiny-sd"),
