@@ -220,6 +220,22 @@ pub(crate) fn caption_variants(r: &eval::Render, name: &str) -> Vec<String> {
     ]
 }
 
+/// A white render of a random category drawn from `rng`: its category index, the image, and
+/// its record (bank-style caption, colour, texture) for caption variants.
+pub(crate) fn fresh_render(rng: &mut StdRng, side: u32) -> (usize, image::RgbImage, eval::Render) {
+    let k = rng.random_range(0..SHAPES.len());
+    let (img, _, a) = white_render(k, side, rng);
+    let record = eval::Render {
+        file: String::new(),
+        mask: String::new(),
+        category_id: k as u32 + 1,
+        caption: caption(&a, side as f64, rng.random_range(0..5)),
+        colour: COLOURS[a.colour].0.into(),
+        texture: a.texture.word().into(),
+    };
+    (k, img, record)
+}
+
 pub fn run_train(command: &TrainCommand) -> Result<(), String> {
     match command {
         TrainCommand::Clip(args) => train_clip(args),
@@ -261,16 +277,7 @@ fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
     let side = config.image_size as u32;
     let draw = |step: usize, item: usize| {
         let mut rng = StdRng::seed_from_u64(mix_seed(args.seed ^ 0x7472_6169_6e00, step as u64, item as u64));
-        let k = rng.random_range(0..SHAPES.len());
-        let (img, _, a) = white_render(k, side, &mut rng);
-        let record = eval::Render {
-            file: String::new(),
-            mask: String::new(),
-            category_id: k as u32 + 1,
-            caption: caption(&a, side as f64, rng.random_range(0..5)),
-            colour: COLOURS[a.colour].0.into(),
-            texture: a.texture.word().into(),
-        };
+        let (k, img, record) = fresh_render(&mut rng, side);
         Pair {
             pixels: pixel_values_sized(&img, side),
             captions: caption_variants(&record, &names[k]),

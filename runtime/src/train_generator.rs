@@ -15,14 +15,13 @@ use divergen_models::train::diffusion::{
     TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig, alphas_cumprod, write_pipeline_files,
 };
 use divergen_models::train::{by_tenth, learning_rate, scalar};
-use divergen_runtime::domain::render::{COLOURS, caption, white_render};
 use divergen_runtime::domain::shapes::SHAPES;
 use divergen_runtime::eval;
 use divergen_runtime::pipeline::mix_seed;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::train::{TrainGeneratorArgs, caption_variants};
+use crate::train::{TrainGeneratorArgs, caption_variants, fresh_render};
 
 /// Images per side: the domain's renders.
 const SIDE: u32 = 64;
@@ -65,16 +64,7 @@ fn to_unit(img: &image::RgbImage) -> Vec<f32> {
 /// variants that keep the name, and DiverGen's template with the definition.
 fn draw(seed: u64, step: usize, item: usize, categories: &[eval::Category]) -> (Vec<f32>, Vec<String>) {
     let mut rng = StdRng::seed_from_u64(mix_seed(seed ^ 0x6765_6e00, step as u64, item as u64));
-    let k = rng.random_range(0..SHAPES.len());
-    let (img, _, a) = white_render(k, SIDE, &mut rng);
-    let record = eval::Render {
-        file: String::new(),
-        mask: String::new(),
-        category_id: k as u32 + 1,
-        caption: caption(&a, SIDE as f64, rng.random_range(0..5)),
-        colour: COLOURS[a.colour].0.into(),
-        texture: a.texture.word().into(),
-    };
+    let (k, img, record) = fresh_render(&mut rng, SIDE);
     let c = &categories[k];
     let mut captions = caption_variants(&record, &c.name);
     captions.push(format!(
