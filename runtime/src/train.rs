@@ -59,6 +59,13 @@ pub struct TrainGeneratorArgs {
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Min-SNR-γ loss weighting for the UNet; 0 trains on plain ε MSE.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_snr_gamma: f64,
+    /// A folder an earlier `train generator` wrote: its VAE is kept (phase 1 is skipped) and its
+    /// UNet trains `--unet-steps` further. May be `--out` itself.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

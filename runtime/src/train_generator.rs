@@ -144,66 +144,23 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     write_pipeline_files(&args.out).map_err(|e| e.to_string())?;
     let device = Device::flex().autodiff();
     device.seed(args.seed);
-    let mut rng = StdRng::seed_from_u64(args.seed);
 
-    // Phase 1: the autoencoder.
+    // Phase 1: the autoencoder, or the one a resumed run trained.
     let vae_dir = args.out.join("vae");
     let vcfg = vae_config();
-    let start = std::time::Instant::now();
-    let mut vae = TinyVae::new(&vcfg, &device);
-    let mut vae_losses = Vec::new();
-    let bar = indicatif::ProgressBar::new(args.vae_steps as u64);
-    let mut optimizer = AdamConfig::new().init();
-    for step in 0..args.vae_steps {
-        let images: Vec<Vec<f32>> = (0..args.vae_batch)
-            .map(|i| draw(args.seed, step, i, &categories).0)
-            .collect();
-        let x = batch_tensor(images, &device);
-        let (mean, logvar) = vae.encode(x.clone());
-        let std = (logvar.clone() * 0.5).exp();
-        let z = mean.clone() + std.clone() * Tensor::random(mean.dims(), Distribution::Normal(0.0, 1.0), &device);
-        let recon = vae.decode(z);
-        let mse = (recon - x).powf_scalar(2.0).mean();
-        let kl = ((mean.powf_scalar(2.0) + logvar.clone().exp() - logvar - 1.0) * 0.5).mean();
-        let loss = mse.clone() + kl * 1e-4;
-        let value = scalar(&mse);
-        vae_losses.push(value);
-        bar.set_position(step as u64 + 1);
-        bar.set_message(format!("VAE mse {value:.4}"));
-        if step % 50 == 0 {
-            log::info!("VAE step {step}: mse {value:.5}");
-        }
-        let grads = GradientsParams::from_grads(loss.backward(), &vae);
-        vae = optimizer.step(learning_rate(args.lr, step, args.vae_steps), vae, grads);
-    }
-    bar.finish_and_clear();
-    let vae_seconds = start.elapsed().as_secs_f64();
+    let earlier = match &args.resume {
+        Some(dir) => Some(Resumed::read(dir, &vcfg, &device)?),
+        None => None,
+    };
+    let (vae, scaling, vae_record) = match &earlier {
+        Some(r) => (r.vae.clone(), r.scaling, r.record["vae"].clone()),
+        None => train_vae(args, &vcfg, &categories, &device)?,
+    };
+    vae.save(&vae_dir, scaling).map_err(|e| e.to_string())?;
     // From here the VAE is frozen: its encoder runs on the plain device (on the autodiff one,
     // every encode would keep a graph alive: 4,096 renders filled 24 GB).
     let plain = Device::flex();
     let encoder = vae.valid();
-    // diffusers' scaling factor: 1 / std of the latents, measured on fresh renders.
-    let probe: Vec<Vec<f32>> = (0..64)
-        .map(|i| draw(args.seed ^ 1, usize::MAX / 2, i, &categories).0)
-        .collect();
-    let (mean, _) = encoder.encode(batch_tensor(probe, &plain));
-    let latents: Vec<f32> = mean
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .map_err(|e| format!("{e:?}"))?;
-    let mu = latents.iter().map(|&v| v as f64).sum::<f64>() / latents.len() as f64;
-    let var = latents.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / latents.len() as f64;
-    let scaling = (1.0 / var.sqrt()) as f32;
-    vae.save(&vae_dir, scaling).map_err(|e| e.to_string())?;
-    println!(
-        "VAE → {} in {vae_seconds:.0} s; MSE by tenth {:?}; scaling factor {scaling:.4}",
-        vae_dir.display(),
-        by_tenth(&vae_losses)
-            .iter()
-            .map(|l| (l * 1e4).round() / 1e4)
-            .collect::<Vec<_>>()
-    );
 
     // Phase 2: the UNet, conditioned through the pipeline's own text encoder.
     let request = DeviceRequest::from_env().map_err(|e| e.to_string())?;
@@ -214,6 +171,21 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     let tokenizer = ClipTokenizer::from_dir(&args.out.join("tokenizer")).map_err(|e| e.to_string())?;
     let ucfg = unet_config(hidden);
     let mut unet = TinyUnet::new(&ucfg, &device);
+    let (prior_steps, prior_seconds) = earlier.as_ref().map_or((0, 0.0), Resumed::unet_totals);
+    if let Some(dir) = &args.resume {
+        unet = unet.load(&dir.join("unet")).map_err(|e| e.to_string())?;
+        log::info!("resuming the UNet from {} after {prior_steps} steps", dir.display());
+    }
+    // A resumed run draws other renders, noise and batches than the run it continues; a fresh
+    // run keeps the seeds the shipped weights were trained with.
+    let unet_seed = if earlier.is_some() {
+        let seed = mix_seed(args.seed, prior_steps as u64, 0x756e);
+        device.seed(seed);
+        seed
+    } else {
+        args.seed
+    };
+    let mut rng = StdRng::seed_from_u64(unet_seed);
     let alphas = alphas_cumprod();
     let start = std::time::Instant::now();
     let mut unet_losses = Vec::new();
@@ -225,7 +197,7 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     let mut set: Vec<(Vec<f32>, Vec<String>)> = Vec::with_capacity(args.latent_set);
     for chunk in 0..args.latent_set.div_ceil(64) {
         let drawn: Vec<(Vec<f32>, Vec<String>)> = (0..64.min(args.latent_set - chunk * 64))
-            .map(|i| draw(args.seed ^ 2, chunk, i, &categories))
+            .map(|i| draw(unet_seed ^ 2, chunk, i, &categories))
             .collect();
         let n = drawn.len();
         let (images, captions): (Vec<_>, Vec<_>) = drawn.into_iter().unzip();
@@ -288,8 +260,23 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
         let noisy = z * coef(&|a| a.sqrt()) + noise.clone() * coef(&|a| (1.0 - a).sqrt());
         let steps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
         let pred = unet.forward(noisy, &steps, context);
-        let loss = (pred - noise).powf_scalar(2.0).mean();
-        let value = scalar(&loss);
+        let squared = (pred - noise).powf_scalar(2.0);
+        // Logged unweighted, so runs with and without min-SNR compare.
+        let value = scalar(&squared.clone().mean());
+        let loss = if args.min_snr_gamma > 0.0 {
+            // Min-SNR-γ (Hang et al. 2023): nearly clean steps, whose ε is easy and whose
+            // gradients otherwise dominate, weigh min(SNR, γ) / SNR.
+            let gamma = args.min_snr_gamma;
+            let per_image = squared.mean_dim(1).mean_dim(2).mean_dim(3);
+            (per_image
+                * coef(&|a| {
+                    let snr = a / (1.0 - a);
+                    snr.min(gamma) / snr
+                }))
+            .mean()
+        } else {
+            squared.mean()
+        };
         unet_losses.push(value);
         bar.set_position(step as u64 + 1);
         bar.set_message(format!("UNet loss {value:.4}"));
@@ -306,10 +293,11 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     let unet_seconds = start.elapsed().as_secs_f64();
     unet.save(&args.out.join("unet")).map_err(|e| e.to_string())?;
     let record = serde_json::json!({
-        "vae": {"config": vcfg, "steps": args.vae_steps, "batch": args.vae_batch, "seconds": vae_seconds,
-                "mse_by_tenth": by_tenth(&vae_losses), "scaling_factor": scaling},
+        "vae": vae_record,
         "unet": {"config": ucfg, "steps": args.unet_steps, "batch": args.unet_batch, "seconds": unet_seconds,
-                 "loss_by_tenth": by_tenth(&unet_losses)},
+                 "loss_by_tenth": by_tenth(&unet_losses), "lr": args.lr, "min_snr_gamma": args.min_snr_gamma,
+                 "total_steps": prior_steps + args.unet_steps, "total_seconds": prior_seconds + unet_seconds,
+                 "resumed_from": earlier.as_ref().map(|r| r.record["unet"].clone())},
         "lr": args.lr, "seed": args.seed, "clip": args.clip,
     });
     let path = args.out.join("training.json");
@@ -324,4 +312,106 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
             .collect::<Vec<_>>()
     );
     Ok(())
+}
+
+/// Phase 1: the VAE on fresh renders (MSE + a small KL term), and diffusers' scaling factor
+/// (1 / std of its latents).
+fn train_vae(
+    args: &TrainGeneratorArgs,
+    vcfg: &TinyVaeConfig,
+    categories: &[eval::Category],
+    device: &Device,
+) -> Result<(TinyVae, f32, serde_json::Value), String> {
+    use burn::optim::{AdamConfig, GradientsParams};
+    let start = std::time::Instant::now();
+    let mut vae = TinyVae::new(vcfg, device);
+    let mut vae_losses = Vec::new();
+    let bar = indicatif::ProgressBar::new(args.vae_steps as u64);
+    let mut optimizer = AdamConfig::new().init();
+    for step in 0..args.vae_steps {
+        let images: Vec<Vec<f32>> = (0..args.vae_batch)
+            .map(|i| draw(args.seed, step, i, categories).0)
+            .collect();
+        let x = batch_tensor(images, device);
+        let (mean, logvar) = vae.encode(x.clone());
+        let std = (logvar.clone() * 0.5).exp();
+        let z = mean.clone() + std.clone() * Tensor::random(mean.dims(), Distribution::Normal(0.0, 1.0), device);
+        let recon = vae.decode(z);
+        let mse = (recon - x).powf_scalar(2.0).mean();
+        let kl = ((mean.powf_scalar(2.0) + logvar.clone().exp() - logvar - 1.0) * 0.5).mean();
+        let loss = mse.clone() + kl * 1e-4;
+        let value = scalar(&mse);
+        vae_losses.push(value);
+        bar.set_position(step as u64 + 1);
+        bar.set_message(format!("VAE mse {value:.4}"));
+        if step % 50 == 0 {
+            log::info!("VAE step {step}: mse {value:.5}");
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &vae);
+        vae = optimizer.step(learning_rate(args.lr, step, args.vae_steps), vae, grads);
+    }
+    bar.finish_and_clear();
+    let vae_seconds = start.elapsed().as_secs_f64();
+    let plain = Device::flex();
+    let encoder = vae.valid();
+    // diffusers' scaling factor: 1 / std of the latents, measured on fresh renders.
+    let probe: Vec<Vec<f32>> = (0..64)
+        .map(|i| draw(args.seed ^ 1, usize::MAX / 2, i, categories).0)
+        .collect();
+    let (mean, _) = encoder.encode(batch_tensor(probe, &plain));
+    let latents: Vec<f32> = mean
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
+    let mu = latents.iter().map(|&v| v as f64).sum::<f64>() / latents.len() as f64;
+    let var = latents.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / latents.len() as f64;
+    let scaling = (1.0 / var.sqrt()) as f32;
+    println!(
+        "VAE trained in {vae_seconds:.0} s; MSE by tenth {:?}; scaling factor {scaling:.4}",
+        by_tenth(&vae_losses)
+            .iter()
+            .map(|l| (l * 1e4).round() / 1e4)
+            .collect::<Vec<_>>()
+    );
+    let record = serde_json::json!({"config": vcfg, "steps": args.vae_steps, "batch": args.vae_batch,
+        "seconds": vae_seconds, "mse_by_tenth": by_tenth(&vae_losses), "scaling_factor": scaling});
+    Ok((vae, scaling, record))
+}
+
+/// What `--resume` continues from: the earlier folder's VAE, its scaling factor, and its
+/// training record.
+struct Resumed {
+    vae: TinyVae,
+    scaling: f32,
+    record: serde_json::Value,
+}
+
+impl Resumed {
+    fn read(dir: &Path, vcfg: &TinyVaeConfig, device: &Device) -> Result<Self, String> {
+        let read_json = |path: &Path| -> Result<serde_json::Value, String> {
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let record = read_json(&dir.join("training.json"))?;
+        let config_path = dir.join("vae/config.json");
+        let scaling = read_json(&config_path)?["scaling_factor"]
+            .as_f64()
+            .ok_or_else(|| format!("{}: no scaling_factor", config_path.display()))? as f32;
+        let vae = TinyVae::new(vcfg, device)
+            .load(&dir.join("vae"))
+            .map_err(|e| e.to_string())?;
+        Ok(Resumed { vae, scaling, record })
+    }
+
+    /// UNet steps and seconds spent before this run, over every earlier resume.
+    fn unet_totals(&self) -> (usize, f64) {
+        let unet = &self.record["unet"];
+        let steps = unet["total_steps"].as_u64().or(unet["steps"].as_u64()).unwrap_or(0) as usize;
+        let seconds = unet["total_seconds"]
+            .as_f64()
+            .or(unet["seconds"].as_f64())
+            .unwrap_or(0.0);
+        (steps, seconds)
+    }
 }

@@ -379,6 +379,11 @@ impl TinyVae {
         Ok(out)
     }
 
+    /// Weights from a `vae/` folder this model's `save` wrote, to resume training from.
+    pub fn load(self, dir: &Path) -> Result<Self, ModelError> {
+        crate::train::load_exported(self, Self::state_dict, &dir.join("diffusion_pytorch_model.safetensors"))
+    }
+
     /// A diffusers `vae/` folder: `config.json` + `diffusion_pytorch_model.safetensors`.
     pub fn save(&self, dir: &Path, scaling_factor: f32) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::at(dir, e))?;
@@ -702,6 +707,11 @@ impl TinyUnet {
         export_gn(&mut out, "conv_norm_out", &self.norm_out)?;
         export_conv(&mut out, "conv_out", &self.conv_out)?;
         Ok(out)
+    }
+
+    /// Weights from a `unet/` folder this model's `save` wrote, to resume training from.
+    pub fn load(self, dir: &Path) -> Result<Self, ModelError> {
+        crate::train::load_exported(self, Self::state_dict, &dir.join("diffusion_pytorch_model.safetensors"))
     }
 
     /// A diffusers `unet/` folder.

@@ -98,3 +98,109 @@ pub fn by_tenth(losses: &[f64]) -> Vec<f64> {
         .map(|c| c.iter().sum::<f64>() / c.len() as f64)
         .collect()
 }
+
+/// What a tagged parameter is filled with.
+#[derive(Clone, Copy)]
+enum Tag {
+    /// Every element holds the parameter's index in visiting order.
+    Index,
+    /// Every element holds its own flat position in the parameter.
+    Position,
+}
+
+struct Tagger {
+    tag: Tag,
+    visited: usize,
+    shapes: Vec<Vec<usize>>,
+}
+
+impl burn::module::ModuleMapper for Tagger {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let index = self.visited;
+        self.visited += 1;
+        let tag = self.tag;
+        param.map(|t| {
+            let dims: [usize; D] = t.dims();
+            let n = dims.iter().product::<usize>();
+            self.shapes.push(dims.to_vec());
+            let values: Vec<f32> = match tag {
+                Tag::Index => vec![index as f32; n],
+                Tag::Position => (0..n).map(|p| p as f32).collect(),
+            };
+            Tensor::from_data(burn::tensor::TensorData::new(values, dims), &t.device())
+        })
+    }
+}
+
+struct Loader {
+    visited: usize,
+    values: Vec<Vec<f32>>,
+}
+
+impl burn::module::ModuleMapper for Loader {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let values = std::mem::take(&mut self.values[self.visited]);
+        self.visited += 1;
+        param.map(|t| {
+            let trained = t.is_require_grad();
+            let loaded = Tensor::from_data(burn::tensor::TensorData::new(values, t.dims()), &t.device());
+            if trained { loaded.require_grad() } else { loaded }
+        })
+    }
+}
+
+/// Reads a file written from `export` back into `model`, so training can resume from shipped
+/// weights. Rather than a second, hand-kept key list (which would drift from the export), it
+/// runs `export` twice on tagged copies of the model: once with each parameter filled with its
+/// index, once with each element holding its own position. That tells, for every exported
+/// value, which parameter and element it came from, through whatever transposes the export
+/// applies.
+pub fn load_exported<M: burn::module::Module>(
+    model: M,
+    export: impl Fn(&M) -> Result<StateDict, ModelError>,
+    path: &Path,
+) -> Result<M, ModelError> {
+    let tagged = |tag: Tag| -> Result<(StateDict, Vec<Vec<usize>>), ModelError> {
+        let mut tagger = Tagger {
+            tag,
+            visited: 0,
+            shapes: Vec::new(),
+        };
+        let copy = model.clone().map(&mut tagger);
+        Ok((export(&copy)?, tagger.shapes))
+    };
+    let (by_index, shapes) = tagged(Tag::Index)?;
+    let (by_position, _) = tagged(Tag::Position)?;
+    if let Some(big) = shapes.iter().find(|s| s.iter().product::<usize>() >= 1 << 24) {
+        return Err(ModelError(format!(
+            "a parameter of shape {big:?} is too large to tag with f32 positions"
+        )));
+    }
+    let checkpoint = crate::checkpoint::Checkpoint::open(path)?;
+    let mut values: Vec<Vec<f32>> = shapes.iter().map(|s| vec![f32::NAN; s.iter().product()]).collect();
+    let mut filled: Vec<usize> = vec![0; shapes.len()];
+    for ((key, shape, indices), (_, _, positions)) in by_index.0.iter().zip(&by_position.0) {
+        let index = indices.first().copied().unwrap_or(0.0);
+        if indices.iter().any(|&i| i != index) {
+            return Err(ModelError(format!(
+                "{key} is exported from more than one parameter; it cannot be read back"
+            )));
+        }
+        let target = &mut values[index as usize];
+        let stored = checkpoint.values(key, shape)?;
+        for (&p, v) in positions.iter().zip(stored) {
+            target[p as usize] = v;
+        }
+        filled[index as usize] += positions.len();
+    }
+    if let Some(i) = (0..shapes.len()).find(|&i| filled[i] != values[i].len()) {
+        return Err(ModelError::at(
+            path,
+            format!(
+                "parameter {i} (shape {:?}) is not fully covered by the exported keys",
+                shapes[i]
+            ),
+        ));
+    }
+    Ok(model.map(&mut Loader { visited: 0, values }))
+}
