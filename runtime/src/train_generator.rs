@@ -84,24 +84,39 @@ fn batch_tensor(images: Vec<Vec<f32>>, device: &Device) -> Tensor<4> {
     )
 }
 
-/// The CLIP folder's text tower as a `CLIPTextModel` folder, and its tokenizer.
-fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
+/// The `text_config` of a `CLIPModel` folder.
+fn text_config(clip: &Path) -> Result<serde_json::Value, String> {
     let config_path = clip.join("config.json");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| format!("{}: {e}", config_path.display()))?)
             .map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let mut text = config.get("text_config").cloned().ok_or_else(|| {
+    config.get("text_config").cloned().ok_or_else(|| {
         format!(
             "{}: no text_config (a CLIPModel folder is expected)",
             config_path.display()
         )
-    })?;
+    })
+}
+
+/// The text tower's width: the UNet's `cross_attention_dim`.
+fn text_hidden_size(clip: &Path) -> Result<usize, String> {
+    text_config(clip)?["hidden_size"]
+        .as_u64()
+        .map(|h| h as usize)
+        .ok_or_else(|| {
+            format!(
+                "{}: text_config.hidden_size missing",
+                clip.join("config.json").display()
+            )
+        })
+}
+
+/// The CLIP folder's text tower as a `CLIPTextModel` folder, and its tokenizer.
+fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
+    let mut text = text_config(clip)?;
     text["architectures"] = serde_json::json!(["CLIPTextModel"]);
     text["model_type"] = serde_json::json!("clip_text_model");
-    let hidden = text["hidden_size"]
-        .as_u64()
-        .ok_or_else(|| format!("{}: text_config.hidden_size missing", config_path.display()))?
-        as usize;
+    let hidden = text_hidden_size(clip)?;
     let dir = out.join("text_encoder");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::write(
@@ -130,6 +145,14 @@ fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
 
 pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     use burn::optim::{AdamConfig, GradientsParams};
+    let device = Device::flex().autodiff();
+    device.seed(args.seed);
+    let vcfg = vae_config();
+    // Read before anything is written, so a bad --resume folder leaves --out untouched.
+    let earlier = match &args.resume {
+        Some(dir) => Some(Resumed::read(dir, &vcfg, &args.clip, &device)?),
+        None => None,
+    };
     let categories = eval::read_categories(&args.domain)?;
     if categories.len() != SHAPES.len() {
         return Err(format!(
@@ -142,16 +165,9 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let hidden = write_text_encoder(&args.clip, &args.out)?;
     write_pipeline_files(&args.out).map_err(|e| e.to_string())?;
-    let device = Device::flex().autodiff();
-    device.seed(args.seed);
 
     // Phase 1: the autoencoder, or the one a resumed run trained.
     let vae_dir = args.out.join("vae");
-    let vcfg = vae_config();
-    let earlier = match &args.resume {
-        Some(dir) => Some(Resumed::read(dir, &vcfg, &device)?),
-        None => None,
-    };
     let (vae, scaling, vae_record) = match &earlier {
         Some(r) => (r.vae.clone(), r.scaling, r.record["vae"].clone()),
         None => train_vae(args, &vcfg, &categories, &device)?,
@@ -170,12 +186,14 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     let tokenizer = ClipTokenizer::from_dir(&args.out.join("tokenizer")).map_err(|e| e.to_string())?;
     let ucfg = unet_config(hidden);
-    let mut unet = TinyUnet::new(&ucfg, &device);
     let (prior_steps, prior_seconds) = earlier.as_ref().map_or((0, 0.0), Resumed::unet_totals);
-    if let Some(dir) = &args.resume {
-        unet = unet.load(&dir.join("unet")).map_err(|e| e.to_string())?;
-        log::info!("resuming the UNet from {} after {prior_steps} steps", dir.display());
-    }
+    let mut unet = match &earlier {
+        Some(r) => {
+            log::info!("resuming the UNet after {prior_steps} steps");
+            r.unet.clone()
+        }
+        None => TinyUnet::new(&ucfg, &device),
+    };
     // A resumed run draws other renders, noise and batches than the run it continues; a fresh
     // run keeps the seeds the shipped weights were trained with.
     let unet_seed = if earlier.is_some() {
@@ -379,16 +397,17 @@ fn train_vae(
     Ok((vae, scaling, record))
 }
 
-/// What `--resume` continues from: the earlier folder's VAE, its scaling factor, and its
-/// training record.
+/// What `--resume` continues from: the earlier folder's VAE, its scaling factor, its UNet and
+/// its training record.
 struct Resumed {
     vae: TinyVae,
     scaling: f32,
+    unet: TinyUnet,
     record: serde_json::Value,
 }
 
 impl Resumed {
-    fn read(dir: &Path, vcfg: &TinyVaeConfig, device: &Device) -> Result<Self, String> {
+    fn read(dir: &Path, vcfg: &TinyVaeConfig, clip: &Path, device: &Device) -> Result<Self, String> {
         let read_json = |path: &Path| -> Result<serde_json::Value, String> {
             let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
             serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
@@ -401,7 +420,15 @@ impl Resumed {
         let vae = TinyVae::new(vcfg, device)
             .load(&dir.join("vae"))
             .map_err(|e| e.to_string())?;
-        Ok(Resumed { vae, scaling, record })
+        let unet = TinyUnet::new(&unet_config(text_hidden_size(clip)?), device)
+            .load(&dir.join("unet"))
+            .map_err(|e| e.to_string())?;
+        Ok(Resumed {
+            vae,
+            scaling,
+            unet,
+            record,
+        })
     }
 
     /// UNet steps and seconds spent before this run, over every earlier resume.

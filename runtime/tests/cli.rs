@@ -408,3 +408,51 @@ fn generate_reproduces_the_diffusers_image_from_injected_latents() {
     );
     assert!(!bad_out.exists());
 }
+
+#[test]
+fn train_generator_refuses_a_broken_resume_folder_before_writing() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("default");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = |resume: &std::path::Path| {
+        divergen(&[
+            "train",
+            "generator",
+            "--clip",
+            shipped.join("tiny-clip").to_str().unwrap(),
+            "--domain",
+            "/nonexistent/domain",
+            "--resume",
+            resume.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = run(&empty);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("empty/training.json"), "{}", stderr(&o));
+
+    // The shipped generator with its UNet cut short: the error names the UNet's file.
+    let resume = dir.path().join("tiny-sd");
+    for sub in ["vae", "unet"] {
+        std::fs::create_dir_all(resume.join(sub)).unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(shipped.join("tiny-sd").join(sub).join(f), resume.join(sub).join(f)).unwrap();
+        }
+    }
+    std::fs::copy(shipped.join("tiny-sd/training.json"), resume.join("training.json")).unwrap();
+    let unet = resume.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
+    let o = run(&resume);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unet/diffusion_pytorch_model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "nothing written on failure");
+}
