@@ -70,7 +70,7 @@ fn the_tiny_generator_draws_recognisable_instances() {
                 prompt: String::new(),
                 negative_prompt: String::new(),
                 steps: 12,
-                guidance: 4.0,
+                guidance: 7.5,
                 scheduler: Some(SchedulerKind::Ddim),
                 seed: 0,
                 latents: None,
@@ -87,9 +87,9 @@ fn the_tiny_generator_draws_recognisable_instances() {
     .unwrap();
     assert_eq!(report.images, 36);
     // The bar is 80 % on 8 images per category (`divergen eval generator`), and the
-    // shipped UNet (2,000 steps) does not reach it yet: 36.8 % measured. Until it does, this
-    // guards the level reached, well above chance (1 in 18, 5.6 %).
-    assert!(report.recognised >= 0.2, "recognised {:.3}", report.recognised);
+    // shipped UNet (6,500 steps) does not reach it yet: 68.8 % measured there, 75.0 % on these
+    // 36. Until it does, this guards the level reached, far above chance (1 in 18, 5.6 %).
+    assert!(report.recognised >= 0.65, "recognised {:.3}", report.recognised);
     assert!(report.diversity_generated > 0.0);
 }
 
