@@ -19,15 +19,32 @@ fn max_rel_err(want: &[f32], got: &[f32]) -> f32 {
     want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
 }
 
-#[test]
-fn the_exported_tiny_vae_decoder_matches_the_trained_model() {
-    let c = TinyVaeConfig {
+/// The small VAE and UNet shapes these tests train, export and reload.
+fn small_vae() -> TinyVaeConfig {
+    TinyVaeConfig {
         block_out_channels: vec![16, 32],
         layers_per_block: 1,
         latent_channels: 4,
         norm_num_groups: 8,
         sample_size: 16,
-    };
+    }
+}
+
+fn small_unet() -> TinyUnetConfig {
+    TinyUnetConfig {
+        block_out_channels: vec![16, 32],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        heads: 4,
+        cross_attention_dim: 24,
+        in_channels: 4,
+        sample_size: 8,
+    }
+}
+
+#[test]
+fn the_exported_tiny_vae_decoder_matches_the_trained_model() {
+    let c = small_vae();
     let train = Device::flex();
     train.seed(7);
     let vae = TinyVae::new(&c, &train);
@@ -51,15 +68,7 @@ fn the_exported_tiny_vae_decoder_matches_the_trained_model() {
 
 #[test]
 fn the_exported_tiny_unet_matches_the_trained_model() {
-    let c = TinyUnetConfig {
-        block_out_channels: vec![16, 32],
-        layers_per_block: 1,
-        norm_num_groups: 8,
-        heads: 4,
-        cross_attention_dim: 24,
-        in_channels: 4,
-        sample_size: 8,
-    };
+    let c = small_unet();
     let train = Device::flex();
     train.seed(8);
     let unet = TinyUnet::new(&c, &train);
@@ -98,22 +107,8 @@ fn the_exported_tiny_unet_matches_the_trained_model() {
 #[test]
 fn saved_tiny_generator_weights_load_back_for_training() {
     use burn::optim::GradientsParams;
-    let vc = TinyVaeConfig {
-        block_out_channels: vec![16, 32],
-        layers_per_block: 1,
-        latent_channels: 4,
-        norm_num_groups: 8,
-        sample_size: 16,
-    };
-    let uc = TinyUnetConfig {
-        block_out_channels: vec![16, 32],
-        layers_per_block: 1,
-        norm_num_groups: 8,
-        heads: 4,
-        cross_attention_dim: 24,
-        in_channels: 4,
-        sample_size: 8,
-    };
+    let vc = small_vae();
+    let uc = small_unet();
     let train = Device::flex().autodiff();
     train.seed(11);
     let dir = tempfile::tempdir().unwrap();
@@ -141,22 +136,13 @@ fn saved_tiny_generator_weights_load_back_for_training() {
 
 #[test]
 fn a_tiny_unet_checkpoint_of_another_shape_is_refused_by_key() {
-    let small = TinyUnetConfig {
-        block_out_channels: vec![16, 32],
-        layers_per_block: 1,
-        norm_num_groups: 8,
-        heads: 4,
-        cross_attention_dim: 24,
-        in_channels: 4,
-        sample_size: 8,
-    };
     let wide = TinyUnetConfig {
         cross_attention_dim: 32,
-        ..small.clone()
+        ..small_unet()
     };
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
-    TinyUnet::new(&small, &device).save(dir.path()).unwrap();
+    TinyUnet::new(&small_unet(), &device).save(dir.path()).unwrap();
     let err = TinyUnet::new(&wide, &device).load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
     assert!(err.contains("attn2.to_k.weight"), "{err}");
