@@ -62,6 +62,10 @@ pub struct TrainGeneratorArgs {
     /// Min-SNR-γ loss weighting for the UNet; 0 trains on plain ε MSE.
     #[arg(long, default_value_t = 0.0)]
     pub min_snr_gamma: f64,
+    /// Decay of an exponential moving average of the UNet's weights; `unet/` then holds the
+    /// average and `unet-raw/` the last step's weights. 0 keeps no average.
+    #[arg(long, default_value_t = 0.0)]
+    pub ema_decay: f32,
     /// A folder an earlier `train generator` wrote: its VAE is kept (phase 1 is skipped) and its
     /// UNet trains `--unet-steps` further. May be `--out` itself.
     #[arg(long)]

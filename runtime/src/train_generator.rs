@@ -14,7 +14,7 @@ use divergen_models::layers::Quantization;
 use divergen_models::train::diffusion::{
     TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig, alphas_cumprod, write_pipeline_files,
 };
-use divergen_models::train::{by_tenth, learning_rate, scalar};
+use divergen_models::train::{StateDict, by_tenth, learning_rate, scalar};
 use divergen_runtime::domain::shapes::SHAPES;
 use divergen_runtime::eval;
 use divergen_runtime::pipeline::mix_seed;
@@ -148,6 +148,9 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     let device = Device::flex().autodiff();
     device.seed(args.seed);
     let vcfg = vae_config();
+    if !(0.0..1.0).contains(&args.ema_decay) {
+        return Err(format!("--ema-decay {} is outside [0, 1)", args.ema_decay));
+    }
     // Read before anything is written, so a bad --resume folder leaves --out untouched.
     let earlier = match &args.resume {
         Some(dir) => Some(Resumed::read(dir, &vcfg, &args.clip, &device)?),
@@ -209,6 +212,21 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     let mut unet_losses = Vec::new();
     let bar = indicatif::ProgressBar::new(args.unet_steps as u64);
     let mut optimizer = AdamConfig::new().init();
+    // The average starts from the weights training starts from: a resumed run's are already good.
+    let mut ema = match args.ema_decay > 0.0 {
+        true => Some(unet.state_dict().map_err(|e| e.to_string())?),
+        false => None,
+    };
+    let save = |unet: &TinyUnet, ema: &Option<StateDict>| -> Result<(), String> {
+        match ema {
+            Some(average) => {
+                unet.save_weights(&args.out.join("unet"), average)
+                    .map_err(|e| e.to_string())?;
+                unet.save(&args.out.join("unet-raw")).map_err(|e| e.to_string())
+            }
+            None => unet.save(&args.out.join("unet")).map_err(|e| e.to_string()),
+        }
+    };
     // Encode a fixed set of fresh renders once (the encoder costs as much per image as a UNet
     // step), then draw batches from it.
     let encode_start = std::time::Instant::now();
@@ -303,17 +321,21 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
         }
         let grads = GradientsParams::from_grads(loss.backward(), &unet);
         unet = optimizer.step(learning_rate(args.lr, step, args.unet_steps), unet, grads);
+        if let Some(average) = ema.as_mut() {
+            let now = unet.state_dict().map_err(|e| e.to_string())?;
+            average.blend_toward(&now, args.ema_decay).map_err(|e| e.to_string())?;
+        }
         if (step + 1) % 500 == 0 {
-            unet.save(&args.out.join("unet")).map_err(|e| e.to_string())?;
+            save(&unet, &ema)?;
         }
     }
     bar.finish_and_clear();
     let unet_seconds = start.elapsed().as_secs_f64();
-    unet.save(&args.out.join("unet")).map_err(|e| e.to_string())?;
+    save(&unet, &ema)?;
     let record = serde_json::json!({
         "vae": vae_record,
         "unet": {"config": ucfg, "steps": args.unet_steps, "batch": args.unet_batch, "seconds": unet_seconds,
-                 "loss_by_tenth": by_tenth(&unet_losses), "lr": args.lr, "min_snr_gamma": args.min_snr_gamma,
+                 "loss_by_tenth": by_tenth(&unet_losses), "lr": args.lr, "min_snr_gamma": args.min_snr_gamma, "ema_decay": args.ema_decay,
                  "total_steps": prior_steps + args.unet_steps, "total_seconds": prior_seconds + unet_seconds,
                  "resumed_from": earlier.as_ref().map(|r| r.record["unet"].clone())},
         "lr": args.lr, "seed": args.seed, "clip": args.clip,

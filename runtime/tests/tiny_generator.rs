@@ -147,3 +147,38 @@ fn a_tiny_unet_checkpoint_of_another_shape_is_refused_by_key() {
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
     assert!(err.contains("attn2.to_k.weight"), "{err}");
 }
+
+/// `--ema-decay`: the shipped UNet may be a moving average of exports. The average must be
+/// exact per element, save in the UNet's own layout and refuse another model's export.
+#[test]
+fn an_averaged_tiny_unet_saves_and_loads_like_a_trained_one() {
+    let device = Device::flex();
+    device.seed(3);
+    let first = TinyUnet::new(&small_unet(), &device);
+    let second = TinyUnet::new(&small_unet(), &device);
+    let (a, b) = (first.state_dict().unwrap(), second.state_dict().unwrap());
+    let mut average = first.state_dict().unwrap();
+    average.blend_toward(&b, 0.75).unwrap();
+    for ((key, _, avg), ((_, _, x), (_, _, y))) in average.0.iter().zip(a.0.iter().zip(&b.0)) {
+        for ((m, x), y) in avg.iter().zip(x).zip(y) {
+            assert!((m - (0.75 * x + 0.25 * y)).abs() < 1e-6, "{key}");
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    first.save_weights(dir.path(), &average).unwrap();
+    let back = TinyUnet::new(&small_unet(), &device).load(dir.path()).unwrap();
+    let reloaded = back.state_dict().unwrap();
+    assert_eq!(reloaded.0.len(), average.0.len());
+    for ((key, _, want), (_, _, got)) in average.0.iter().zip(&reloaded.0) {
+        assert_eq!(want, got, "{key}");
+    }
+
+    let wide = TinyUnetConfig {
+        cross_attention_dim: 32,
+        ..small_unet()
+    };
+    let other = TinyUnet::new(&wide, &device).state_dict().unwrap();
+    let err = average.blend_toward(&other, 0.5).unwrap_err().to_string();
+    assert!(err.contains("attn2.to_k.weight"), "{err}");
+}

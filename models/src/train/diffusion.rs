@@ -716,9 +716,14 @@ impl TinyUnet {
 
     /// A diffusers `unet/` folder.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        self.save_weights(dir, &self.state_dict()?)
+    }
+
+    /// A diffusers `unet/` folder holding `weights`: this model's export or an average of its
+    /// exports (EMA).
+    pub fn save_weights(&self, dir: &Path, weights: &StateDict) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::at(dir, e))?;
-        self.state_dict()?
-            .save(&dir.join("diffusion_pytorch_model.safetensors"))?;
+        weights.save(&dir.join("diffusion_pytorch_model.safetensors"))?;
         write_json(&dir.join("config.json"), &self.config.hf_config())
     }
 }

@@ -50,6 +50,29 @@ impl StateDict {
         Ok(())
     }
 
+    /// One step of an exponential moving average: every value moves to
+    /// `decay · self + (1 − decay) · current`. `current` must be the same model's export.
+    pub fn blend_toward(&mut self, current: &StateDict, decay: f32) -> Result<(), ModelError> {
+        if self.0.len() != current.0.len() {
+            return Err(ModelError(format!(
+                "averaging {} tensors with {}",
+                self.0.len(),
+                current.0.len()
+            )));
+        }
+        for ((key, shape, avg), (other_key, other_shape, now)) in self.0.iter_mut().zip(&current.0) {
+            if key != other_key || shape != other_shape {
+                return Err(ModelError(format!(
+                    "averaging {key} {shape:?} with {other_key} {other_shape:?}"
+                )));
+            }
+            for (a, n) in avg.iter_mut().zip(now) {
+                *a = decay * *a + (1.0 - decay) * n;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the tensors as f32 safetensors.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
         use safetensors::{Dtype, tensor::TensorView};
