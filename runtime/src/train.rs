@@ -129,9 +129,10 @@ pub struct EvalGeneratorArgs {
     pub clip: PathBuf,
     #[arg(long, default_value_t = 8)]
     pub per_category: usize,
-    #[arg(long, default_value_t = 20)]
+    /// Defaults: the embedded default's first generator (`runtime/default/run.toml`).
+    #[arg(long, default_value_t = 12)]
     pub steps: usize,
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 5.0)]
     pub guidance: f32,
     #[arg(long, default_value = "ddim")]
     pub scheduler: String,
