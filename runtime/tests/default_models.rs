@@ -70,7 +70,7 @@ fn the_tiny_generator_draws_recognisable_instances() {
                 prompt: String::new(),
                 negative_prompt: String::new(),
                 steps: 12,
-                guidance: 7.5,
+                guidance: 5.0,
                 scheduler: Some(SchedulerKind::Ddim),
                 seed: 0,
                 latents: None,
@@ -86,10 +86,10 @@ fn the_tiny_generator_draws_recognisable_instances() {
     )
     .unwrap();
     assert_eq!(report.images, 36);
-    // The bar is 80 % on 8 images per category (`divergen eval generator`), and the
-    // shipped UNet (6,500 steps) does not reach it yet: 68.8 % measured there, 75.0 % on these
-    // 36. Until it does, this guards the level reached, far above chance (1 in 18, 5.6 %).
-    assert!(report.recognised >= 0.65, "recognised {:.3}", report.recognised);
+    // The bar is 80 % on 8 images per category (`divergen eval generator`); the shipped
+    // UNet gives 83.3 % there and 77.8 % on these 36 (the first 2 of those 8 per category). The
+    // smoke floor is lower because 36 images swing by ±7 points; chance is 1 in 18 (5.6 %).
+    assert!(report.recognised >= 0.70, "recognised {:.3}", report.recognised);
     assert!(report.diversity_generated > 0.0);
 }
 
