@@ -213,9 +213,10 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     let bar = indicatif::ProgressBar::new(args.unet_steps as u64);
     let mut optimizer = AdamConfig::new().init();
     // The average starts from the weights training starts from: a resumed run's are already good.
-    let mut ema = match args.ema_decay > 0.0 {
-        true => Some(unet.state_dict().map_err(|e| e.to_string())?),
-        false => None,
+    let mut ema = if args.ema_decay > 0.0 {
+        Some(unet.state_dict().map_err(|e| e.to_string())?)
+    } else {
+        None
     };
     let save = |unet: &TinyUnet, ema: &Option<StateDict>| -> Result<(), String> {
         match ema {

@@ -456,3 +456,73 @@ fn train_generator_refuses_a_broken_resume_folder_before_writing() {
     );
     assert!(!out.exists(), "nothing written on failure");
 }
+
+/// `train generator` end to end on a few steps: with `--ema-decay` the average goes to `unet/`
+/// and the last step's weights to `unet-raw/`, and the folder resumes with its step count.
+#[test]
+fn train_generator_keeps_a_weight_average_and_resumes_from_it() {
+    let clip = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("default/tiny-clip");
+    let dir = tempfile::tempdir().unwrap();
+    let domain = dir.path().join("domain");
+    let tiny = [
+        "--train-scenes",
+        "1",
+        "--val-scenes",
+        "1",
+        "--train-renders",
+        "1",
+        "--val-renders",
+        "1",
+    ];
+    let o = divergen(&[&["domain", "--out", domain.to_str().unwrap()][..], &tiny[..]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let train = |out: &std::path::Path, extra: &[&str]| {
+        let base = [
+            "train",
+            "generator",
+            "--domain",
+            domain.to_str().unwrap(),
+            "--clip",
+            clip.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--vae-steps",
+            "2",
+            "--vae-batch",
+            "2",
+            "--unet-steps",
+            "3",
+            "--unet-batch",
+            "2",
+            "--latent-set",
+            "4",
+        ];
+        divergen(&[&base[..], extra].concat())
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let first = dir.path().join("first");
+    let o = train(&first, &["--ema-decay", "1"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--ema-decay"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!first.exists(), "nothing written for a bad flag");
+
+    let o = train(&first, &["--ema-decay", "0.5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let weights = |sub: &str| std::fs::read(first.join(sub).join("diffusion_pytorch_model.safetensors")).unwrap();
+    let (average, raw) = (weights("unet"), weights("unet-raw"));
+    assert_eq!(average.len(), raw.len());
+    assert_ne!(average, raw, "the average lags the last step");
+    let record = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("training.json")).unwrap()).unwrap()
+    };
+    assert_eq!(record(&first)["unet"]["ema_decay"], 0.5);
+
+    let second = dir.path().join("second");
+    let o = train(&second, &["--resume", first.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(record(&second)["unet"]["total_steps"], 6);
+    assert!(!second.join("unet-raw").exists(), "no average asked for, none written");
+}
