@@ -100,15 +100,16 @@ fn text_config(clip: &Path) -> Result<serde_json::Value, String> {
 
 /// The text tower's width: the UNet's `cross_attention_dim`.
 fn text_hidden_size(clip: &Path) -> Result<usize, String> {
-    text_config(clip)?["hidden_size"]
-        .as_u64()
-        .map(|h| h as usize)
-        .ok_or_else(|| {
-            format!(
-                "{}: text_config.hidden_size missing",
-                clip.join("config.json").display()
-            )
-        })
+    hidden_size(&text_config(clip)?, clip)
+}
+
+fn hidden_size(text_config: &serde_json::Value, clip: &Path) -> Result<usize, String> {
+    text_config["hidden_size"].as_u64().map(|h| h as usize).ok_or_else(|| {
+        format!(
+            "{}: text_config.hidden_size missing",
+            clip.join("config.json").display()
+        )
+    })
 }
 
 /// The CLIP folder's text tower as a `CLIPTextModel` folder, and its tokenizer.
@@ -116,7 +117,7 @@ fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
     let mut text = text_config(clip)?;
     text["architectures"] = serde_json::json!(["CLIPTextModel"]);
     text["model_type"] = serde_json::json!("clip_text_model");
-    let hidden = text_hidden_size(clip)?;
+    let hidden = hidden_size(&text, clip)?;
     let dir = out.join("text_encoder");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::write(
