@@ -21,6 +21,8 @@ use crate::{QuantizedWeight, attention, conv2d, gelu, gemm, gemm_bt, group_norm,
 pub struct BenchCase {
     pub kernel: String,
     pub shape: String,
+    /// Which variant of our kernel ran (see [`crate::variants`]).
+    pub variant: String,
     pub ours_ms: f64,
     /// `None` where burn has no equivalent or cannot run the case (reason in `note`).
     pub burn_ms: Option<f64>,
@@ -116,6 +118,7 @@ fn case(kernel: &str, shape: String, work: Work, ours: Timing, burn: Option<Timi
     BenchCase {
         kernel: kernel.to_string(),
         shape,
+        variant: String::new(),
         ours_ms: ours.median_ms,
         burn_ms: burn.as_ref().map(|b| b.median_ms),
         speedup: burn.as_ref().map(|b| b.median_ms / ours.median_ms),
@@ -126,6 +129,23 @@ fn case(kernel: &str, shape: String, work: Work, ours: Timing, burn: Option<Timi
         ours_mem_mib: ours.mem_mib,
         burn_mem_mib: burn.as_ref().and_then(|b| b.mem_mib),
         note: note.to_string(),
+    }
+}
+
+/// The variant a case's kernel runs under `plan` (`cpu reference` on the CPU backend).
+fn variant_name(kernel: &str, plan: Option<crate::variants::KernelPlan>) -> String {
+    let Some(p) = plan else {
+        return "cpu reference".into();
+    };
+    let name = |v: &dyn std::fmt::Debug| format!("{v:?}").to_ascii_lowercase();
+    match kernel {
+        k if k.starts_with("gemv_int") || k.starts_with("qgemm") => name(&p.qgemm),
+        "gemv_f32" => "register".into(),
+        "gemm_f16" => format!("{}, f16 {}", name(&p.matmul), name(&p.f16)),
+        k if k.starts_with("gemm") || k.starts_with("conv") => name(&p.matmul),
+        "attention" => name(&p.attention),
+        k if k.starts_with("group_norm") => name(&p.reduce),
+        _ => "–".into(),
     }
 }
 
@@ -142,7 +162,9 @@ pub fn run(
 ) -> Vec<BenchCase> {
     let q = opts.quick;
     let mut out = Vec::new();
-    let mut push = |c: BenchCase| {
+    let plan = crate::variants::plan_of(device);
+    let mut push = |mut c: BenchCase| {
+        c.variant = variant_name(&c.kernel, plan);
         report(&c);
         out.push(c);
     };
@@ -471,12 +493,13 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 /// The results as a Markdown table (what kernels/BENCHMARKS.md records).
 pub fn markdown(cases: &[BenchCase]) -> String {
     let mut s = String::from(
-        "| kernel | shape | ours ms | burn ms | burn/ours | GFLOP/s | GB/s | first call ours / burn ms | MiB in use ours / burn | note |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| kernel | variant | shape | ours ms | burn ms | burn/ours | GFLOP/s | GB/s | first call ours / burn ms | MiB in use ours / burn | note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for c in cases {
         s.push_str(&format!(
-            "| {} | {} | {:.3} | {} | {} | {} | {} | {:.0} / {} | {} / {} | {} |\n",
+            "| {} | {} | {} | {:.3} | {} | {} | {} | {} | {:.0} / {} | {} / {} | {} |\n",
             c.kernel,
+            c.variant,
             c.shape,
             c.ours_ms,
             fmt_opt(c.burn_ms, 3),

@@ -8,9 +8,12 @@
 use std::fmt;
 use std::sync::Mutex;
 
-use burn::backend::wgpu::{WgpuSetup, wgpu};
+use burn::backend::wgpu::{RuntimeOptions, WgpuSetup, try_init_device, wgpu};
+use burn::cubecl::Device as CubeDevice;
 use burn::tensor::Device;
 use serde::Serialize;
+
+use crate::variants::{DeviceCaps, ENV_KERNELS, KernelFamily, KernelPlan};
 
 /// Environment variable naming the adapter: its index in `divergen devices`, or part of its name.
 pub const ENV_ADAPTER: &str = "DIVERGEN_ADAPTER";
@@ -78,10 +81,13 @@ pub struct DeviceRequest {
     pub backend: Option<String>,
     pub limits: LimitsProfile,
     pub require_gpu: bool,
+    /// Which family of kernel variants to run (`DIVERGEN_KERNELS`); see [`crate::variants`].
+    pub kernels: KernelFamily,
 }
 
 impl DeviceRequest {
-    /// Reads `DIVERGEN_ADAPTER`, `DIVERGEN_BACKEND`, `DIVERGEN_LIMITS` and `DIVERGEN_REQUIRE_GPU`.
+    /// Reads `DIVERGEN_ADAPTER`, `DIVERGEN_BACKEND`, `DIVERGEN_LIMITS`, `DIVERGEN_REQUIRE_GPU`
+    /// and `DIVERGEN_KERNELS`.
     pub fn from_env() -> Result<Self, DeviceError> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         Ok(Self {
@@ -92,6 +98,10 @@ impl DeviceRequest {
                 .transpose()?
                 .unwrap_or(LimitsProfile::Adapter),
             require_gpu: var(ENV_REQUIRE_GPU).is_some_and(|v| v != "0"),
+            kernels: var(ENV_KERNELS)
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(KernelFamily::Auto),
         })
     }
 }
@@ -112,6 +122,43 @@ pub struct AdapterReport {
     pub subgroups: bool,
     pub subgroup_min_size: u32,
     pub subgroup_max_size: u32,
+    /// Every optional feature the adapter offers, experimental ones included.
+    pub offered_features: Vec<String>,
+    /// What opening it requests: the [`wanted_features`] that it offers, never an experimental one.
+    pub requested_features: Vec<String>,
+}
+
+/// The optional features divergen and burn use, each requested only where the adapter offers it:
+/// - timestamp queries (all three): cubecl times autotune candidates with them, writing
+///   timestamps inside encoders and passes;
+/// - `SHADER_F16`: our f16 GEMMs, and cubecl compiles f16 kernels when the adapter has it;
+/// - `SUBGROUP`, `SUBGROUP_BARRIER`: our subgroup reductions, and cubecl's plane operations;
+/// - `SHADER_FLOAT32_ATOMIC`: cubecl's atomic reductions;
+/// - `SHADER_INT64`, `SHADER_F64`: cubecl registers these types off the adapter's features, so a
+///   kernel of burn's that uses them would fail to compile without them.
+///
+/// cubecl reads the adapter's features rather than the device's, so leaving out one it relies on
+/// breaks burn later, in the middle of a model; requesting an experimental one (ray queries, mesh
+/// shaders, which current Mesa, NVIDIA and AMD drivers expose) makes `request_device` fail.
+pub fn wanted_features() -> wgpu::Features {
+    wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::SUBGROUP_BARRIER
+        | wgpu::Features::SHADER_FLOAT32_ATOMIC
+        | wgpu::Features::SHADER_INT64
+        | wgpu::Features::SHADER_F64
+}
+
+/// The features to request of an adapter offering `offered`.
+pub fn features_to_request(offered: wgpu::Features) -> wgpu::Features {
+    (offered & wanted_features()) - wgpu::Features::all_experimental_mask()
+}
+
+fn feature_names(features: wgpu::Features) -> Vec<String> {
+    features.iter_names().map(|(name, _)| name.to_string()).collect()
 }
 
 impl AdapterReport {
@@ -137,6 +184,8 @@ impl AdapterReport {
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
+            offered_features: feature_names(features),
+            requested_features: feature_names(features_to_request(features)),
         }
     }
 }
@@ -150,6 +199,8 @@ pub struct ComputeDevice {
     pub limits: LimitsProfile,
     /// Limits the logical device was actually created with (what kernels may rely on).
     pub granted: Option<GrantedLimits>,
+    /// The kernel variants this device runs (`None` on the CPU backend).
+    pub plan: Option<KernelPlan>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -162,7 +213,14 @@ pub struct GrantedLimits {
 impl ComputeDevice {
     pub fn describe(&self) -> String {
         match &self.adapter {
-            Some(a) => format!("{} ({}, {}, limits: {})", a.name, a.backend, a.device_type, self.limits),
+            Some(a) => format!(
+                "{} ({}, {}, limits: {}, kernels: {})",
+                a.name,
+                a.backend,
+                a.device_type,
+                self.limits,
+                self.plan.map_or(KernelFamily::Auto, |p| p.family)
+            ),
             None => "CPU backend (burn Flex; kernels run their CPU references)".to_string(),
         }
     }
@@ -272,6 +330,7 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
             adapter: None,
             limits: request.limits,
             granted: None,
+            plan: None,
         });
     }
     let instance = instance(backends);
@@ -285,6 +344,7 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
                 adapter: None,
                 limits: request.limits,
                 granted: None,
+                plan: None,
             });
         }
         Err(e) => return Err(e),
@@ -294,9 +354,7 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
         LimitsProfile::Adapter => adapter.limits(),
         LimitsProfile::Mobile => wgpu::Limits::defaults(),
     };
-    // burn needs timestamp queries (autotune) and atomics (reductions) when the adapter has them;
-    // mappable primary buffers would make every buffer host-visible, which we never want.
-    let required_features = adapter.features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+    let required_features = features_to_request(adapter.features());
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("divergen"),
         required_features,
@@ -312,13 +370,28 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
         max_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
         max_workgroup_shared_bytes: limits.max_compute_workgroup_storage_size,
     };
-    if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+    let info = adapter.get_info();
+    let granted_features = device.features();
+    let caps = DeviceCaps {
+        cpu_adapter: info.device_type == wgpu::DeviceType::Cpu,
+        shader_f16: granted_features.contains(wgpu::Features::SHADER_F16),
+        subgroups: granted_features.contains(wgpu::Features::SUBGROUP),
+        subgroup_min_size: info.subgroup_min_size,
+        subgroup_max_size: info.subgroup_max_size,
+        max_workgroup_shared_bytes: granted.max_workgroup_shared_bytes,
+        max_invocations_per_workgroup: granted.max_invocations_per_workgroup,
+        packed_dot: instance
+            .wgsl_language_features()
+            .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct),
+    };
+    let plan = KernelPlan::choose(request.kernels, &caps).with_overrides(&caps, |k| std::env::var(k).ok())?;
+    if caps.cpu_adapter {
         CPU_ADAPTERS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(report.name.clone());
     }
-    let backend = adapter.get_info().backend;
+    let backend = info.backend;
     let setup = WgpuSetup {
         instance,
         adapter,
@@ -326,21 +399,88 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
         queue,
         backend,
     };
-    let device = Device::wgpu_options()
-        .setup(setup)
-        .init()
-        .map_err(|e| DeviceError::Request(format!("burn refused {}: {e:?}", report.name)))?;
+    let refused = |e: &dyn fmt::Debug| DeviceError::Request(format!("burn refused {}: {e:?}", report.name));
+    let options = RuntimeOptions::try_default().map_err(|e| refused(&e))?;
+    let wgpu_device = try_init_device(setup, options).map_err(|e| refused(&e))?;
+    crate::variants::register(
+        Device::from(wgpu_device.clone()),
+        CubeDevice::Wgpu(wgpu_device.clone()),
+        plan,
+    );
+    let device = Device::from(wgpu_device);
     log::info!(
-        "compute device: {} ({}, {}, limits: {})",
+        "compute device: {} ({}, {}, limits: {}, kernels: {})",
         report.name,
         report.backend,
         report.device_type,
-        request.limits
+        request.limits,
+        plan.family
     );
     Ok(ComputeDevice {
         device,
         adapter: Some(report),
         limits: request.limits,
         granted: Some(granted),
+        plan: Some(plan),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn experimental_and_unwanted_features_are_never_requested() {
+        let offered = wgpu::Features::all();
+        let requested = features_to_request(offered);
+        assert!(!requested.intersects(wgpu::Features::all_experimental_mask()));
+        assert!(!requested.contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS));
+        assert_eq!(requested, wanted_features());
+        // Each wanted feature only where offered.
+        let partial = wgpu::Features::SHADER_F16 | wgpu::Features::EXPERIMENTAL_RAY_QUERY;
+        assert_eq!(features_to_request(partial), wgpu::Features::SHADER_F16);
+    }
+
+    /// Opens the test adapter as the product does. Under `DIVERGEN_EXPECT_EXPERIMENTAL=1` (CI sets
+    /// it for Mesa 25 lavapipe) the driver must offer experimental features, so this proves such
+    /// a driver opens.
+    #[test]
+    fn the_adapter_opens_requesting_only_what_it_offers() {
+        let request = DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}"));
+        let opened = open(&request).unwrap_or_else(|e| panic!("{e}"));
+        let Some(adapter) = opened.adapter else {
+            assert!(!request.require_gpu, "no adapter under {ENV_REQUIRE_GPU}=1");
+            return;
+        };
+        let experimental: Vec<&String> = adapter
+            .offered_features
+            .iter()
+            .filter(|f| f.starts_with("EXPERIMENTAL_"))
+            .collect();
+        if std::env::var("DIVERGEN_EXPECT_EXPERIMENTAL").is_ok_and(|v| v == "1") {
+            assert!(
+                !experimental.is_empty(),
+                "{} ({}) offers no experimental feature: not the driver this test is for",
+                adapter.name,
+                adapter.driver
+            );
+        }
+        assert!(
+            adapter
+                .requested_features
+                .iter()
+                .all(|f| !f.starts_with("EXPERIMENTAL_"))
+        );
+        for f in &adapter.requested_features {
+            assert!(adapter.offered_features.contains(f), "{f} requested but not offered");
+        }
+        eprintln!(
+            "{} ({}) opened; offered {} features ({} experimental), requested {:?}",
+            adapter.name,
+            adapter.driver,
+            adapter.offered_features.len(),
+            experimental.len(),
+            adapter.requested_features
+        );
+    }
 }

@@ -19,6 +19,7 @@ pub mod qgemm;
 pub mod quant;
 pub mod testing;
 mod tuning;
+pub mod variants;
 
 pub use activation::Activation;
 pub use ops::{

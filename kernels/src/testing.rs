@@ -7,38 +7,78 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::device::{DeviceRequest, LimitsProfile, open};
+use crate::variants::{KernelFamily, KernelPlan};
 
 pub struct TestDevice {
     pub label: String,
     pub device: Device,
     pub shader_f16: bool,
+    pub limits: LimitsProfile,
+    /// The kernel variants it runs (`None` on the CPU backend).
+    pub plan: Option<KernelPlan>,
+}
+
+fn open_test_device(request: &DeviceRequest) -> TestDevice {
+    let opened = open(request).unwrap_or_else(|e| panic!("{e}"));
+    match (&opened.adapter, opened.plan) {
+        (Some(a), Some(plan)) => TestDevice {
+            label: format!("{} [{}, {} kernels]", a.name, request.limits, plan.family),
+            device: opened.device.clone(),
+            shader_f16: a.shader_f16,
+            limits: request.limits,
+            plan: Some(plan),
+        },
+        _ => TestDevice {
+            label: "cpu".into(),
+            device: opened.device.clone(),
+            shader_f16: true,
+            limits: request.limits,
+            plan: None,
+        },
+    }
 }
 
 /// The adapter twice, once with its own limits and once with WebGPU's defaults (phone limits),
 /// so every test proves both; or the CPU backend alone when no adapter exists (an error under
-/// `DIVERGEN_REQUIRE_GPU=1`).
+/// `DIVERGEN_REQUIRE_GPU=1`). Each runs the kernel family the environment asks for.
 pub fn devices() -> &'static [TestDevice] {
     static DEVICES: OnceLock<Vec<TestDevice>> = OnceLock::new();
     DEVICES.get_or_init(|| {
         let base = DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}"));
         let mut found = Vec::new();
         for limits in [LimitsProfile::Adapter, LimitsProfile::Mobile] {
-            let opened = open(&DeviceRequest { limits, ..base.clone() }).unwrap_or_else(|e| panic!("{e}"));
-            match &opened.adapter {
-                Some(a) => found.push(TestDevice {
-                    label: format!("{} [{limits}]", a.name),
-                    device: opened.device.clone(),
-                    shader_f16: a.shader_f16,
-                }),
-                None => {
-                    found.push(TestDevice {
-                        label: "cpu".into(),
-                        device: opened.device.clone(),
-                        shader_f16: true,
-                    });
-                    break;
-                }
+            let device = open_test_device(&DeviceRequest { limits, ..base.clone() });
+            let cpu = device.plan.is_none();
+            found.push(device);
+            if cpu {
+                break;
             }
+        }
+        found
+    })
+}
+
+/// [`devices`], plus the same adapter under both limits running the other kernel family: the
+/// GPU variants on lavapipe, the register variants on a GPU. Kernel tests run on all of them,
+/// so every variant is proven wherever tests run.
+pub fn kernel_devices() -> &'static [TestDevice] {
+    static DEVICES: OnceLock<Vec<TestDevice>> = OnceLock::new();
+    DEVICES.get_or_init(|| {
+        let base = DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}"));
+        let mut found = Vec::new();
+        for d in devices() {
+            let Some(plan) = d.plan else {
+                return Vec::new();
+            };
+            let other = match plan.family {
+                KernelFamily::Cpu => KernelFamily::Gpu,
+                _ => KernelFamily::Cpu,
+            };
+            found.push(open_test_device(&DeviceRequest {
+                limits: d.limits,
+                kernels: other,
+                ..base.clone()
+            }));
         }
         found
     })
@@ -51,9 +91,22 @@ pub fn for_each_device(f: impl Fn(&Device, &str)) {
     }
 }
 
+/// Runs `f` on every test device and on [`kernel_devices`]: both kernel families.
+pub fn for_each_kernel_device(f: impl Fn(&Device, &str)) {
+    for d in devices().iter().chain(kernel_devices()) {
+        f(&d.device, &d.label);
+    }
+}
+
+/// The kernel variants `device` runs (`None` on the CPU backend).
+pub fn plan_of(device: &Device) -> Option<KernelPlan> {
+    crate::variants::plan_of(device)
+}
+
 pub fn supports_f16(device: &Device) -> bool {
     devices()
         .iter()
+        .chain(kernel_devices())
         .find(|d| d.device == *device)
         .is_some_and(|d| d.shader_f16)
 }
@@ -109,5 +162,52 @@ pub fn assert_close(got: &[f32], want: &[f32], tolerance: f32, what: &str) {
             "{what}: relative error {err:e} > {tolerance:e} (worst at {i}: got {}, want {})",
             got[i], want[i]
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::variants::{Attention, F16Math, Matmul, Qgemm, Reduce};
+
+    /// Kernel tests prove every variant only if the devices they run on span both families and
+    /// the GPU family gets each variant the adapter can run, under both limit profiles.
+    #[test]
+    fn kernel_devices_cover_every_variant_the_adapter_offers() {
+        let all: Vec<&TestDevice> = devices().iter().chain(kernel_devices()).collect();
+        if all.iter().all(|d| d.plan.is_none()) {
+            eprintln!("CPU backend: no kernel variants to cover");
+            return;
+        }
+        let gpu: Vec<&TestDevice> = all
+            .iter()
+            .copied()
+            .filter(|d| d.plan.is_some_and(|p| p.family == KernelFamily::Gpu))
+            .collect();
+        let cpu = all
+            .iter()
+            .filter(|d| d.plan.is_some_and(|p| p.family == KernelFamily::Cpu))
+            .count();
+        assert_eq!((gpu.len(), cpu), (2, 2), "both families under both limit profiles");
+        for d in gpu {
+            let p = d.plan.expect("plan");
+            // Every adapter divergen targets, phones included, grants what the shared tiles
+            // need (WebGPU's defaults do); subgroups, f16 and packed dots follow the adapter.
+            assert_eq!(
+                (p.matmul, p.attention),
+                (Matmul::Shared, Attention::Shared),
+                "{}",
+                d.label
+            );
+            let opened = crate::device::enumerate(&DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}")))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let adapter = opened
+                .iter()
+                .find(|a| d.label.starts_with(&a.name))
+                .expect("the test adapter is listed");
+            assert_eq!(p.reduce == Reduce::Subgroup, adapter.subgroups, "{}", d.label);
+            assert_eq!(p.f16 == F16Math::Math, adapter.shader_f16, "{}", d.label);
+            assert_eq!(p.qgemm, Qgemm::Dot4, "{}: naga implements packed dots", d.label);
+        }
     }
 }

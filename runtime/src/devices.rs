@@ -1,6 +1,7 @@
 //! `divergen devices`: what the device layer sees and what it would choose.
 
 use divergen_kernels::device::{AdapterReport, DeviceRequest, GrantedLimits, enumerate, open};
+use divergen_kernels::variants::KernelPlan;
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -11,6 +12,8 @@ struct Report {
     backend: String,
     limits: String,
     granted: Option<GrantedLimits>,
+    /// The kernel variants the chosen device runs.
+    kernels: Option<KernelPlan>,
 }
 
 pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
@@ -22,6 +25,7 @@ pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
         backend: chosen.describe(),
         limits: chosen.limits.to_string(),
         granted: chosen.granted,
+        kernels: chosen.plan,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
@@ -50,6 +54,8 @@ pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
             a.subgroup_min_size,
             a.subgroup_max_size
         );
+        println!("      offered features: {}", a.offered_features.join(", "));
+        println!("      requested: {}", a.requested_features.join(", "));
     }
     println!("using: {}", report.backend);
     if let Some(g) = report.granted {
@@ -58,6 +64,12 @@ pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
             g.max_storage_binding_bytes >> 20,
             g.max_invocations_per_workgroup,
             g.max_workgroup_shared_bytes >> 10
+        );
+    }
+    if let Some(p) = report.kernels {
+        println!(
+            "kernels: {} family — matmul {:?}, reductions {:?}, attention {:?}, quantized {:?}, f16 {:?}",
+            p.family, p.matmul, p.reduce, p.attention, p.qgemm, p.f16
         );
     }
     Ok(())

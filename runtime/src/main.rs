@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use divergen_kernels::device::{DeviceRequest, LimitsProfile};
+use divergen_kernels::variants::KernelFamily;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +44,11 @@ struct DeviceArgs {
     /// Fail instead of falling back to the CPU backend when no adapter exists.
     #[arg(long, global = true, env = "DIVERGEN_REQUIRE_GPU", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     require_gpu: bool,
+    /// Kernel variants: `auto` (what suits the adapter), `cpu` (register tiles, what lavapipe
+    /// rewards) or `gpu` (workgroup-memory tiles, subgroups, f16 math, packed int8 dots, each
+    /// where the device offers it). `DIVERGEN_VARIANT_<KERNEL>` overrides one kernel.
+    #[arg(long, global = true, env = "DIVERGEN_KERNELS", default_value = "auto")]
+    kernels: String,
 }
 
 impl DeviceArgs {
@@ -52,6 +58,7 @@ impl DeviceArgs {
             backend: self.backend.clone().filter(|s| !s.trim().is_empty()),
             limits: self.limits.parse::<LimitsProfile>().map_err(|e| e.to_string())?,
             require_gpu: self.require_gpu,
+            kernels: self.kernels.parse::<KernelFamily>().map_err(|e| e.to_string())?,
         })
     }
 }

@@ -91,7 +91,7 @@ pub(crate) fn launch(x: CubeTensor, act: Activation) -> CubeTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
+    use crate::testing::{assert_close, for_each_kernel_device, random_vec, to_vec, upload};
 
     #[test]
     fn erf_reference_is_accurate() {
@@ -115,7 +115,7 @@ mod tests {
         for x in [&x, &x4] {
             for act in [Activation::Silu, Activation::GeluErf, Activation::GeluTanh] {
                 let want: Vec<f32> = x.iter().map(|&v| act.reference(v)).collect();
-                for_each_device(|dev, label| {
+                for_each_kernel_device(|dev, label| {
                     let got = crate::activation(upload::<1>(x, &[x.len()], dev), act);
                     // A&S erf is good to 1.5e-7 absolute; exp/tanh on GPUs to a few ulp.
                     assert_close(&to_vec(got), &want, 1e-6, &format!("{label} {act:?} n={}", x.len()));

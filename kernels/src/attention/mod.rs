@@ -13,8 +13,10 @@ use burn::tensor::DType;
 
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, params};
 use crate::tuning::Tile;
+use crate::variants::Attention;
 
 const TEMPLATE: &str = include_str!("attention.wgsl");
+const SHARED: &str = include_str!("attention_shared.wgsl");
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Decomposed relative-position bias: `h [B, H, Sq, KH]` and `w [B, H, Sq, KW]`, `KH·KW = Skv`.
@@ -78,15 +80,30 @@ pub(crate) fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scale: f32, bi
     if let Some((h, w, _)) = &bias {
         buffers.extend([binding(h), binding(w)]);
     }
-    WgslKernel::new("attention", TEMPLATE)
-        .var("d4", d / 4)
-        .var("kb", tile.tm)
+    let plan = crate::variants::plan_for(&q);
+    let d4 = d as u32 / 4;
+    let kernel = if plan.attention == Attention::Shared {
+        // The tile is a whole number of unrolled key blocks, and a block fits the tile.
+        let fit = plan.attention_keys_per_tile(d);
+        let kb = tile.tm.min(fit);
+        let kt = fit / kb * kb;
+        WgslKernel::new("attention_shared", SHARED)
+            .var("kt", kt)
+            .var("tile_len", kt * d4)
+            .var("kb", kb)
+            .generated("body", move || body_code(tq, kb, d4, has_bias, true))
+    } else {
+        WgslKernel::new("attention", TEMPLATE)
+            .var("kb", tile.tm)
+            .generated("body", move || body_code(tq, tile.tm, d4, has_bias, false))
+    };
+    kernel
+        .var("d4", d4)
         .var("tq", tq)
         .var("bias", has_bias)
         .generated("bias_bindings", move || bias_bindings_code(has_bias))
-        .generated("decls", move || decls_code(tq, d as u32 / 4))
-        .generated("body", move || body_code(tq, tile.tm, d as u32 / 4, has_bias))
-        .generated("store", move || store_code(tq, d as u32 / 4))
+        .generated("decls", move || decls_code(tq, d4))
+        .generated("store", move || store_code(tq, d4))
         .launch(&q.client, (tile.wg_x, 1, 1), groups, buffers);
     out
 }
@@ -116,13 +133,19 @@ fn decls_code(tq: u32, d4: u32) -> String {
     s
 }
 
-/// One block of `kb` keys: scores, one rescale per query, then the weighted values.
-fn body_code(tq: u32, kb: u32, d4: u32, bias: bool) -> String {
+/// One block of `kb` keys: scores, one rescale per query, then the weighted values. `shared`:
+/// K and V come from the staged tile (`ks`, `vs`, starting at key `t0`), not device memory.
+fn body_code(tq: u32, kb: u32, d4: u32, bias: bool, shared: bool) -> String {
+    let (ka, va) = if shared { ("ks", "vs") } else { ("k", "v") };
     let mut s = String::new();
     for u in 0..kb {
-        s += &format!("        let kr{u} = kv_base + min(j0 + {u}u, p.skv - 1u) * D4;\n");
+        if shared {
+            s += &format!("        let kr{u} = (j0 - t0 + {u}u) * D4;\n");
+        } else {
+            s += &format!("        let kr{u} = kv_base + min(j0 + {u}u, p.skv - 1u) * D4;\n");
+        }
         for d in 0..d4 {
-            s += &format!("        let k{u}_{d} = k[kr{u} + {d}u];\n");
+            s += &format!("        let k{u}_{d} = {ka}[kr{u} + {d}u];\n");
         }
         if bias {
             s += &format!(
@@ -153,7 +176,7 @@ fn body_code(tq: u32, kb: u32, d4: u32, bias: bool) -> String {
     }
     for u in 0..kb {
         for d in 0..d4 {
-            s += &format!("        let v{u}_{d} = v[kr{u} + {d}u];\n");
+            s += &format!("        let v{u}_{d} = {va}[kr{u} + {d}u];\n");
         }
         for t in 0..tq {
             s += &format!("        let p{t}_{u} = exp(s{t}_{u} - m{t});\n        l{t} += p{t}_{u};\n");
@@ -231,7 +254,7 @@ pub fn reference_with_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, for_each_device, random_vec, relative_error, to_vec, upload};
+    use crate::testing::{assert_close, for_each_kernel_device, random_vec, relative_error, to_vec, upload};
 
     fn check(b: usize, h: usize, sq: usize, skv: usize, d: usize, seed: u64) {
         let q = random_vec(b * h * sq * d, seed, 1.0);
@@ -239,7 +262,7 @@ mod tests {
         let v = random_vec(b * h * skv * d, seed + 2, 1.0);
         let scale = 1.0 / (d as f32).sqrt();
         let want = reference(&q, &k, &v, AttentionShape { bh: b * h, sq, skv, d }, scale);
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let got = crate::attention(
                 upload::<4>(&q, &[b, h, sq, d], dev),
                 upload::<4>(&k, &[b, h, skv, d], dev),
@@ -288,7 +311,7 @@ mod tests {
             relative_error(&plain, &want) > 1e-2,
             "the bias must matter in this test"
         );
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let got = crate::attention_rel_pos(
                 upload::<4>(&q, &[1, bh, s, d], dev),
                 upload::<4>(&k, &[1, bh, s, d], dev),
@@ -323,7 +346,7 @@ mod tests {
         let k = random_vec(sq * d, 65, 30.0);
         let v = random_vec(sq * d, 66, 1.0);
         let want = reference(&q, &k, &v, AttentionShape { bh: 1, sq, skv: sq, d }, 1.0);
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let t = |x: &[f32]| upload::<4>(x, &[1, 1, sq, d], dev);
             let got = to_vec(crate::attention(t(&q), t(&k), t(&v), 1.0));
             assert!(got.iter().all(|x| x.is_finite()), "{label}: non-finite output");

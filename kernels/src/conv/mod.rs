@@ -10,6 +10,7 @@ use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, fold_g
 use crate::tuning::Tile;
 
 const CONV: &str = include_str!("conv2d.wgsl");
+const CONV_TILED: &str = include_str!("conv2d_tiled.wgsl");
 const UPSAMPLE: &str = include_str!("upsample.wgsl");
 const DEPTHWISE: &str = include_str!("depthwise.wgsl");
 
@@ -93,6 +94,21 @@ pub fn upsample_shape(x: &Shape) -> Shape {
     d[r - 1] *= 2;
     d[r - 2] *= 2;
     Shape::from(d)
+}
+
+/// The most output pixels one convolution image may have on `device`: its pixel workgroups run
+/// along one dispatch dimension, which WebGPU caps at 65,535 workgroups. Callers refuse larger
+/// images up front (`None`: the CPU backend, no limit).
+pub fn max_output_pixels(device: &burn::tensor::Device) -> Option<usize> {
+    let plan = crate::variants::plan_of(device)?;
+    let per_group = match plan.matmul {
+        crate::variants::Matmul::Shared => 128,
+        crate::variants::Matmul::Register => {
+            let tile = Tile::conv(plan.cpu_adapter);
+            4 * tile.tnv as usize * tile.wg_x as usize
+        }
+    };
+    Some(crate::launch::MAX_GROUPS_PER_DIM as usize * per_group)
 }
 
 /// Unrolled tile code for `tm` output channels × `tp` (a multiple of 4) output pixels.
@@ -218,6 +234,23 @@ pub(crate) fn launch_conv2d(
     }
     if s.kh == 1 && s.kw == 1 && stride == 1 && pad == 0 {
         return conv1x1_as_gemm(x, weight, bias, &s);
+    }
+    if crate::variants::plan_for(&x).matmul == crate::variants::Matmul::Shared {
+        let p = conv_params(&x.client, &s);
+        crate::gemm::launch_tiled(
+            &x.client,
+            "conv2d_tiled",
+            crate::gemm::TiledOperands {
+                key: String::new(),
+                code: || (CONV_TILED.to_string(), String::new()),
+                b_contiguous_in_k: false,
+                f16_math: false,
+                f16_storage: false,
+            },
+            (s.co, s.oh * s.ow, s.n),
+            vec![binding(&x), binding(&weight), binding(&bias), binding(&out), p],
+        );
+        return out;
     }
     let tile = Tile::conv(crate::tuning::on_cpu(&x.client));
     let tp = 4 * tile.tnv;
@@ -367,7 +400,7 @@ pub fn reference_upsample(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
+    use crate::testing::{assert_close, for_each_kernel_device, random_vec, to_vec, upload};
 
     fn check(xd: [usize; 4], co: usize, k: usize, stride: usize, pad: usize, seed: u64) {
         check_conv(xd, co, k, stride, pad, seed, false);
@@ -386,7 +419,7 @@ mod tests {
         let w = random_vec(wd.iter().product(), seed + 1, 0.3);
         let b = random_vec(co, seed + 2, 1.0);
         let want = reference_direct(&x, &w, &b, &s, depthwise);
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let (x, w, b) = (upload(&x, &xd, dev), upload(&w, &wd, dev), upload(&b, &[co], dev));
             let got = if depthwise {
                 crate::depthwise_conv2d(x, w, b, stride, pad)
@@ -416,6 +449,12 @@ mod tests {
     }
 
     #[test]
+    fn conv3x3_across_several_blocks() {
+        // More than one 128-pixel and 128-channel block of the shared-tile variant.
+        check([1, 6, 13, 12], 130, 3, 1, 1, 96);
+    }
+
+    #[test]
     fn conv1x1_stride1_and_2() {
         check([2, 16, 6, 5], 9, 1, 1, 0, 93);
         check([1, 4, 7, 7], 3, 1, 2, 0, 94);
@@ -433,7 +472,7 @@ mod tests {
     fn upsample_matches_reference() {
         let x = random_vec(2 * 3 * 5 * 7, 96, 1.0);
         let want = reference_upsample(&x, 6, 5, 7);
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let got = crate::upsample_nearest2x(upload::<4>(&x, &[2, 3, 5, 7], dev));
             assert_eq!(got.dims(), [2, 3, 10, 14]);
             assert_close(&to_vec(got), &want, 0.0, &format!("{label} upsample"));

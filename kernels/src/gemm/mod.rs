@@ -10,8 +10,10 @@ use burn::tensor::{DType, Shape};
 use crate::codegen::{LANES, vec4_of};
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, params};
 use crate::tuning::Tile;
+use crate::variants::{F16Math, Matmul};
 
 const TEMPLATE: &str = include_str!("gemm.wgsl");
+const TILED: &str = include_str!("tiled.wgsl");
 
 /// The problem a pair of operand shapes describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +188,164 @@ pub(crate) fn tile_code(tm: u32, tnv: u32, transpose_b: bool, out_cast: &str) ->
     TileCode { decls, step, store }
 }
 
+/// How a product through `tiled.wgsl` reads and writes. `code` returns the WGSL declarations of
+/// its bindings and the hooks `dims() -> vec3<u32>` (M, N, K), `load_a(batch, row, k) -> f32`,
+/// `load_b(batch, k, col) -> f32` and `store(batch, row, col, value: f32)`; it runs only when the
+/// variant compiles, so it must be a pure function of `key`.
+pub(crate) struct TiledOperands<F> {
+    pub key: String,
+    pub code: F,
+    /// B is contiguous along K (staged k-fastest) rather than along N.
+    pub b_contiguous_in_k: bool,
+    /// Arithmetic in f16 (the hooks still speak f32; staged values are exact f16 inputs).
+    pub f16_math: bool,
+    /// The storage needs `enable f16;` even when the arithmetic is f32.
+    pub f16_storage: bool,
+}
+
+/// Rows (i < 8) and columns (g < 2) of an invocation's 8×8 tile, as WGSL expressions.
+fn tiled_row(i: u32) -> String {
+    format!("row_base + {}u + 4u * lid.y", if i < 4 { i } else { 60 + i })
+}
+
+fn tiled_col(g: u32) -> String {
+    format!("col_base + {}u + 4u * lid.x", 64 * g)
+}
+
+/// Unrolled declarations, FMA step, per-tile flush (f16 math) and guarded stores.
+fn tiled_code(f16_math: bool) -> (String, String, String, String) {
+    let (mut decls, mut step, mut flush, mut store) = (String::new(), String::new(), String::new(), String::new());
+    for i in 0..8u32 {
+        let (a, lane) = (if i < 4 { "a_lo" } else { "a_hi" }, LANES[i as usize % 4]);
+        for g in 0..2u32 {
+            let b = if g == 0 { "b_lo" } else { "b_hi" };
+            decls += &format!("    var acc{i}_{g} = vec4<f32>(0.0);\n");
+            if f16_math {
+                // Partial sums of one K tile (8 products) in f16, then added into f32.
+                decls += &format!("    var h{i}_{g} = vec4<f16>();\n");
+                step += &format!("            h{i}_{g} = fma(vec4<f16>({a}.{lane}), {b}, h{i}_{g});\n");
+                flush += &format!("        acc{i}_{g} += vec4<f32>(h{i}_{g});\n        h{i}_{g} = vec4<f16>();\n");
+            } else {
+                step += &format!("            acc{i}_{g} = fma(vec4<f32>({a}.{lane}), {b}, acc{i}_{g});\n");
+            }
+        }
+    }
+    for i in 0..8u32 {
+        store += &format!("    {{\n        let r = {};\n        if (r < mnk.x) {{\n", tiled_row(i));
+        for g in 0..2u32 {
+            store += &format!("            let c{g} = {};\n", tiled_col(g));
+            for (c, lane) in LANES.iter().enumerate() {
+                store += &format!(
+                    "            if (c{g} + {c}u < mnk.y) {{ store(batch, r, c{g} + {c}u, acc{i}_{g}.{lane}); }}\n"
+                );
+            }
+        }
+        store += "        }\n    }\n";
+    }
+    (decls, step, flush, store)
+}
+
+/// Queues a product through `tiled.wgsl`: a workgroup per 128×128 block of each batch entry.
+pub(crate) fn launch_tiled<F>(
+    client: &burn::cubecl::client::Client,
+    name: &'static str,
+    operands: TiledOperands<F>,
+    (m, n, batch): (usize, usize, usize),
+    buffers: Vec<burn::cubecl::server::BufferBinding>,
+) where
+    F: Fn() -> (String, String) + Clone + Send + Sync + 'static,
+{
+    let groups = (
+        as_u32(n.div_ceil(128), "N blocks"),
+        as_u32(m.div_ceil(128), "M blocks"),
+        as_u32(batch, "batch"),
+    );
+    assert!(
+        groups.0 <= crate::launch::MAX_GROUPS_PER_DIM
+            && groups.1 <= crate::launch::MAX_GROUPS_PER_DIM
+            && groups.2 <= crate::launch::MAX_GROUPS_PER_DIM,
+        "{name}: {m}×{n} × batch {batch} exceeds one dispatch"
+    );
+    let f16_math = operands.f16_math;
+    let stage_b = if operands.b_contiguous_in_k {
+        "            let bn = idx / BK;\n            let bk = idx % BK;"
+    } else {
+        "            let bk = idx / BN;\n            let bn = idx % BN;"
+    };
+    WgslKernel::new(name, TILED)
+        .var(
+            "enable",
+            if f16_math || operands.f16_storage {
+                "enable f16;"
+            } else {
+                ""
+            },
+        )
+        .var("t", if f16_math { "f16" } else { "f32" })
+        .var("operands", operands.key)
+        .var("stage_b", stage_b)
+        .generated("bindings", {
+            let code = operands.code.clone();
+            move || code().0
+        })
+        .generated("hooks", move || (operands.code)().1)
+        .generated("decls", move || tiled_code(f16_math).0)
+        .generated("step", move || tiled_code(f16_math).1)
+        .generated("flush", move || tiled_code(f16_math).2)
+        .generated("store", move || tiled_code(f16_math).3)
+        .launch(client, (16, 16, 1), groups, buffers);
+}
+
+/// The GEMM's operands for `tiled.wgsl`: matrices with batch strides in a parameter block.
+fn gemm_operands(
+    storage: &'static str,
+    transpose_b: bool,
+    f16_math: bool,
+) -> TiledOperands<impl Fn() -> (String, String) + Clone + Send + Sync + 'static> {
+    TiledOperands {
+        key: format!("{storage} t={transpose_b}"),
+        code: move || {
+            let b_index = if transpose_b { "col * p.k + k" } else { "k * p.n + col" };
+            let bindings = format!(
+                "struct Params {{
+    m: u32,
+    n: u32,
+    k: u32,
+    _pad0: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    _pad1: u32,
+}}
+@group(0) @binding(0) var<storage, read_write> a: array<{storage}>;
+@group(0) @binding(1) var<storage, read_write> b: array<{storage}>;
+@group(0) @binding(2) var<storage, read_write> c: array<{storage}>;
+@group(0) @binding(3) var<storage, read_write> p: Params;"
+            );
+            let hooks = format!(
+                "fn dims() -> vec3<u32> {{
+    return vec3<u32>(p.m, p.n, p.k);
+}}
+fn load_a(batch: u32, row: u32, k: u32) -> f32 {{
+    if (row >= p.m || k >= p.k) {{ return 0.0; }}
+    return f32(a[batch * p.stride_a + row * p.k + k]);
+}}
+fn load_b(batch: u32, k: u32, col: u32) -> f32 {{
+    if (k >= p.k || col >= p.n) {{ return 0.0; }}
+    return f32(b[batch * p.stride_b + {b_index}]);
+}}
+fn store(batch: u32, row: u32, col: u32, value: f32) {{
+    c[batch * p.stride_c + row * p.n + col] = {storage}(value);
+}}"
+            );
+            (bindings, hooks)
+        },
+        b_contiguous_in_k: transpose_b,
+        f16_math,
+        f16_storage: storage == "f16",
+    }
+}
+
 /// Launches the GEMM on the operands' device.
 pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTensor {
     assert_eq!(
@@ -224,7 +384,9 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
             storage.to_string()
         }
     };
-    let tile = Tile::gemm(s.m, crate::tuning::on_cpu(&a.client));
+    let plan = crate::variants::plan_for(&a);
+    // A GEMV (M ≤ 2) is bound by reading B once: blocks would only idle 126 of 128 rows.
+    let tiled = plan.matmul == Matmul::Shared && s.m > 2;
     let words = [
         as_u32(s.m, "M"),
         as_u32(s.n, "N"),
@@ -236,6 +398,18 @@ pub(crate) fn launch(a: CubeTensor, b: CubeTensor, transpose_b: bool) -> CubeTen
         0,
     ];
     let p = params(&a.client, &words);
+    if tiled {
+        let f16_math = storage == "f16" && plan.f16 == F16Math::Math;
+        launch_tiled(
+            &a.client,
+            "gemm_tiled",
+            gemm_operands(storage, transpose_b, f16_math),
+            (s.m, s.n, s.batch),
+            vec![binding(&a), binding(&b), binding(&out), p],
+        );
+        return out;
+    }
+    let tile = Tile::gemm(s.m, crate::tuning::on_cpu(&a.client));
     let groups = (
         as_u32(
             s.n.div_ceil(4 * tile.tnv as usize).div_ceil(tile.wg_x as usize),
@@ -302,7 +476,7 @@ pub fn reference(a: &[f32], b: &[f32], s: &GemmShape) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
+    use crate::testing::{assert_close, for_each_kernel_device, random_vec, to_vec, upload};
     use burn::tensor::Tensor;
 
     fn check(a_dims: &[usize], b_dims: &[usize], transpose_b: bool, seed: u64) {
@@ -310,7 +484,7 @@ mod tests {
         let a = random_vec(a_dims.iter().product(), seed, 1.0);
         let b = random_vec(b_dims.iter().product(), seed + 1, 1.0);
         let want = reference(&a, &b, &s);
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let ta: Tensor<3> = upload(&a, a_dims, dev);
             let tb: Tensor<3> = upload(&b, b_dims, dev);
             let got = if transpose_b {
@@ -357,6 +531,13 @@ mod tests {
     }
 
     #[test]
+    fn matches_reference_across_several_blocks() {
+        // Past one 128×128 block of the shared-tile variant in M and N, K not a multiple of 8.
+        check(&[2, 130, 21], &[2, 21, 259], false, 22);
+        check(&[1, 257, 36], &[1, 131, 36], true, 23);
+    }
+
+    #[test]
     fn gemv_shapes() {
         check(&[1, 1, 256], &[1, 96, 256], true, 20);
         check(&[1, 1, 255], &[1, 255, 97], false, 21);
@@ -375,16 +556,23 @@ mod tests {
         let a = round(random_vec(ad.iter().product(), 30, 1.0));
         let b = round(random_vec(bd.iter().product(), 31, 1.0));
         let want = reference(&a, &b, &s);
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             if !crate::testing::supports_f16(dev) {
                 eprintln!("{label}: no shader-f16, f16 GEMM skipped");
                 return;
             }
             let ta: Tensor<3> = upload(&a, &ad, dev).cast(burn::tensor::DType::F16);
             let tb: Tensor<3> = upload(&b, &bd, dev).cast(burn::tensor::DType::F16);
-            let got = crate::gemm(ta, tb).cast(burn::tensor::DType::F32);
-            // Output is stored as f16: 2⁻¹¹ relative rounding of each value.
-            assert_close(&to_vec(got), &want, 1e-3, &format!("{label} f16 gemm"));
+            let got = to_vec(crate::gemm(ta, tb).cast(burn::tensor::DType::F32));
+            let plan = crate::testing::plan_of(dev);
+            if plan.is_some_and(|p| p.matmul == Matmul::Shared && p.f16 == F16Math::Math) {
+                // f16 arithmetic: each product and each partial sum of one 8-deep K tile rounds
+                // to 11 bits (≤ 8·2⁻¹¹ of the tile's magnitude), then the f16 output rounds again.
+                assert_close(&got, &want, 4e-3, &format!("{label} f16-math gemm"));
+            } else {
+                // Output is stored as f16: 2⁻¹¹ relative rounding of each value.
+                assert_close(&got, &want, 1e-3, &format!("{label} f16 gemm"));
+            }
         });
     }
 }

@@ -24,7 +24,12 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> p: Params;
 
 @compute @workgroup_size({{ wg_x }}, {{ wg_y }}, {{ wg_z }})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+{{ reduce_builtins }}
+) {
+{{ reduce_init }}
     let per_group = p.channels / p.groups;
     let len = per_group * p.spatial / W;
     let base = wid.x * len;

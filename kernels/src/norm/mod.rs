@@ -4,8 +4,10 @@ use burn::backend::wgpu::{CubeTensor, into_contiguous};
 use burn::tensor::DType;
 
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, fold_groups, params};
+use crate::variants::Reduce;
 
 const REDUCE: &str = include_str!("reduce.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("reduce_subgroup.wgsl");
 const GROUP_NORM: &str = include_str!("group_norm.wgsl");
 const LAYER_NORM: &str = include_str!("layer_norm.wgsl");
 const SOFTMAX: &str = include_str!("softmax.wgsl");
@@ -14,6 +16,23 @@ const SOFTMAX: &str = include_str!("softmax.wgsl");
 /// adapter allows. Rows (layer norm, softmax) are 64–4096 long: 64 lanes keep the tree short.
 const GROUP_WG: u32 = 256;
 const ROW_WG: u32 = 64;
+
+/// A norm kernel with the workgroup reduction its device's plan chooses appended.
+pub(crate) fn with_reduction(kernel: WgslKernel, on: &CubeTensor) -> WgslKernel {
+    match crate::variants::plan_for(on).reduce {
+        Reduce::Tree => kernel
+            .with_part(REDUCE)
+            .var("reduce_builtins", "")
+            .var("reduce_init", ""),
+        Reduce::Subgroup => kernel
+            .with_part(REDUCE_SUBGROUP)
+            .var(
+                "reduce_builtins",
+                "    @builtin(subgroup_invocation_id) sg_lane_in: u32,\n    @builtin(subgroup_id) sg_id_in: u32,\n    @builtin(num_subgroups) sg_count_in: u32,",
+            )
+            .var("reduce_init", "    reduce_init(sg_lane_in, sg_id_in, sg_count_in);"),
+    }
+}
 
 fn check_f32(t: &CubeTensor, op: &str) {
     assert_eq!(t.dtype, DType::F32, "{op}: f32 only, got {:?}", t.dtype);
@@ -69,11 +88,10 @@ pub(crate) fn launch_group_norm(
     } else {
         ("f32", 1, "v")
     };
-    WgslKernel::new("group_norm", GROUP_NORM)
+    with_reduction(WgslKernel::new("group_norm", GROUP_NORM), &x)
         .var("ty", ty)
         .var("width", width)
         .var("hsum", hsum)
-        .with_part(REDUCE)
         .var("activation", if silu { "        v = v / (1.0 + exp(-v));" } else { "" })
         .launch(
             &x.client,
@@ -109,7 +127,7 @@ pub(crate) fn launch_layer_norm(x: CubeTensor, gamma: CubeTensor, beta: CubeTens
     }
     let p = params(&x.client, &[as_u32(rows, "rows"), as_u32(d, "dim"), eps.to_bits(), 0]);
     let (gx, gy) = fold_groups(as_u32(rows, "rows"));
-    WgslKernel::new("layer_norm", LAYER_NORM).with_part(REDUCE).launch(
+    with_reduction(WgslKernel::new("layer_norm", LAYER_NORM), &x).launch(
         &x.client,
         (ROW_WG, 1, 1),
         (gx, gy, 1),
@@ -128,7 +146,7 @@ pub(crate) fn launch_softmax(x: CubeTensor) -> CubeTensor {
     }
     let p = params(&x.client, &[as_u32(rows, "rows"), as_u32(d, "dim"), 0, 0]);
     let (gx, gy) = fold_groups(as_u32(rows, "rows"));
-    WgslKernel::new("softmax", SOFTMAX).with_part(REDUCE).launch(
+    with_reduction(WgslKernel::new("softmax", SOFTMAX), &x).launch(
         &x.client,
         (ROW_WG, 1, 1),
         (gx, gy, 1),
@@ -207,7 +225,7 @@ pub fn reference_softmax(x: &[f32], d: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
+    use crate::testing::{assert_close, for_each_kernel_device, random_vec, to_vec, upload};
 
     #[test]
     fn group_norm_matches_reference_with_and_without_silu() {
@@ -229,7 +247,7 @@ mod tests {
                 1e-5,
                 silu,
             );
-            for_each_device(|dev, label| {
+            for_each_kernel_device(|dev, label| {
                 let got = crate::group_norm(
                     upload::<4>(&x, &[n, c, h, w], dev),
                     upload(&gamma, &[c], dev),
@@ -263,7 +281,7 @@ mod tests {
             1e-6,
             true,
         );
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let got = crate::group_norm(
                 upload::<3>(&x, &[1, c, s], dev),
                 upload(&gamma, &[c], dev),
@@ -283,7 +301,7 @@ mod tests {
             let gamma = random_vec(d, 77, 1.0);
             let beta = random_vec(d, 78, 1.0);
             let want = reference_layer_norm(&x, d, &gamma, &beta, 1e-5);
-            for_each_device(|dev, label| {
+            for_each_kernel_device(|dev, label| {
                 let got = crate::layer_norm(
                     upload::<2>(&x, &[rows, d], dev),
                     upload(&gamma, &[d], dev),
@@ -300,7 +318,7 @@ mod tests {
         for (rows, d) in [(7, 77), (2, 1000), (3, 1)] {
             let x = random_vec(rows * d, 79, 20.0);
             let want = reference_softmax(&x, d);
-            for_each_device(|dev, label| {
+            for_each_kernel_device(|dev, label| {
                 let got = crate::softmax(upload::<2>(&x, &[rows, d], dev));
                 assert_close(&to_vec(got), &want, 1e-5, &format!("{label} softmax {rows}x{d}"));
             });

@@ -16,7 +16,9 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+{{ reduce_builtins }}
 ) {
+{{ reduce_init }}
     // Folded grids can overshoot: spare workgroups redo the last row but write nothing, so
     // every invocation still reaches every barrier.
     let valid = wid.x + wid.y * groups.x < p.rows;

@@ -11,6 +11,12 @@ use crate::quant::{INT4_BLOCK, Int4Weights, Int8Weights};
 use crate::tuning::Tile;
 
 const TEMPLATE: &str = include_str!("qgemm.wgsl");
+const DOT4: &str = include_str!("qgemm_dot4.wgsl");
+const QUANTIZE_ROWS: &str = include_str!("quantize_rows.wgsl");
+
+/// Rows × channels per invocation of the packed-dot product, and its workgroup.
+const DOT4_TILE: (u32, u32) = (4, 4);
+const DOT4_WORKGROUP: (u32, u32) = (16, 4);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantFormat {
@@ -189,6 +195,57 @@ pub(crate) fn launch(
     if m == 0 || n == 0 {
         return out;
     }
+    if crate::variants::plan_for(&x).qgemm == crate::variants::Qgemm::Dot4 {
+        let x_words_per_row = match format {
+            QuantFormat::Int8 => words_per_row,
+            QuantFormat::Int4 => Int4Weights::blocks_per_row(k) * 8,
+        };
+        let (xq, xs) = quantize_rows(&x, m, k, x_words_per_row);
+        let (tm, tn) = DOT4_TILE;
+        let (wg_x, wg_y) = DOT4_WORKGROUP;
+        let p = params(
+            &x.client,
+            &[
+                as_u32(m, "M"),
+                as_u32(n, "N"),
+                as_u32(k, "K"),
+                as_u32(words_per_row, "words per row"),
+                as_u32(x_words_per_row, "activation words per row"),
+                0,
+                0,
+                0,
+            ],
+        );
+        let groups = (
+            as_u32(n.div_ceil(tn as usize).div_ceil(wg_x as usize), "N groups"),
+            as_u32(m.div_ceil(tm as usize).div_ceil(wg_y as usize), "M groups"),
+            1,
+        );
+        assert!(
+            groups.0 <= crate::launch::MAX_GROUPS_PER_DIM && groups.1 <= crate::launch::MAX_GROUPS_PER_DIM,
+            "qgemm: {m}×{n} exceeds one dispatch"
+        );
+        WgslKernel::new(
+            if format == QuantFormat::Int8 {
+                "qgemm_dot4_int8"
+            } else {
+                "qgemm_dot4_int4"
+            },
+            DOT4,
+        )
+        .var("scale_elem", scale_elem)
+        .var("scale_fn", scale_fn)
+        .var("tm", tm)
+        .var("tn", tn)
+        .generated("body", move || dot4_body(tm, tn, format))
+        .launch(
+            &x.client,
+            (wg_x, wg_y, 1),
+            groups,
+            vec![xq, xs, binding(&words), binding(&scales), binding(&out), p],
+        );
+        return out;
+    }
     // Aligned rows let X be read as vec4 without guards: K % 4 for int8, whole blocks for int4.
     let aligned = match format {
         QuantFormat::Int8 => k.is_multiple_of(4),
@@ -244,6 +301,167 @@ pub(crate) fn launch(
     out
 }
 
+/// Quantizes each row of `x [m, k]` to int8 words (`x_words_per_row` a row, zero-padded) and
+/// one f32 scale a row, on the device: the packed-dot product's left operand.
+fn quantize_rows(
+    x: &CubeTensor,
+    m: usize,
+    k: usize,
+    x_words_per_row: usize,
+) -> (burn::cubecl::server::BufferBinding, burn::cubecl::server::BufferBinding) {
+    let xq = x.client.empty((m * x_words_per_row * 4).max(4));
+    let xs = x.client.empty((m * 4).max(4));
+    let p = params(
+        &x.client,
+        &[
+            as_u32(m, "M"),
+            as_u32(k, "K"),
+            as_u32(x_words_per_row, "activation words per row"),
+            0,
+        ],
+    );
+    let (gx, gy) = crate::launch::fold_groups(as_u32(m, "rows"));
+    crate::norm::with_reduction(WgslKernel::new("quantize_rows", QUANTIZE_ROWS), x).launch(
+        &x.client,
+        (64, 1, 1),
+        (gx, gy, 1),
+        vec![binding(x), xq.clone().binding(), xs.clone().binding(), p],
+    );
+    (xq.binding(), xs.binding())
+}
+
+/// Unrolled body of `qgemm_dot4.wgsl` for `tm` rows × `tn` channels.
+fn dot4_body(tm: u32, tn: u32, format: QuantFormat) -> String {
+    let mut s = String::new();
+    for i in 0..tm {
+        s += &format!("    let r{i} = min(row0 + {i}u, p.m - 1u);\n");
+    }
+    for j in 0..tn {
+        s += &format!("    let c{j} = min(col0 + {j}u, p.n - 1u);\n");
+    }
+    let zero = if format == QuantFormat::Int8 { "0i" } else { "0.0" };
+    for i in 0..tm {
+        for j in 0..tn {
+            s += &format!("    var acc{i}_{j} = {zero};\n");
+        }
+    }
+    match format {
+        QuantFormat::Int8 => {
+            s += "    for (var wk = 0u; wk < p.words_per_row; wk++) {\n";
+            for i in 0..tm {
+                s += &format!("        let x{i} = xq[r{i} * p.x_words_per_row + wk];\n");
+            }
+            for j in 0..tn {
+                s += &format!("        let w{j} = w[c{j} * p.words_per_row + wk];\n");
+            }
+            for i in 0..tm {
+                for j in 0..tn {
+                    s += &format!("        acc{i}_{j} += dot4I8Packed(x{i}, w{j});\n");
+                }
+            }
+            s += "    }\n";
+        }
+        QuantFormat::Int4 => {
+            s += "    let blocks = p.words_per_row / 4u;\n    for (var blk = 0u; blk < blocks; blk++) {\n";
+            for j in 0..tn {
+                for e in 0..4 {
+                    s += &format!(
+                        "        let wv{j}_{e} = w[c{j} * p.words_per_row + blk * 4u + {e}u];\n        let lo{j}_{e} = widen_i4_lo(wv{j}_{e});\n        let hi{j}_{e} = widen_i4_hi(wv{j}_{e});\n"
+                    );
+                }
+                s += &format!("        let s{j} = block_scale(c{j}, blocks, blk);\n");
+            }
+            for i in 0..tm {
+                for e in 0..4 {
+                    s += &format!(
+                        "        let xl{i}_{e} = xq[r{i} * p.x_words_per_row + blk * 8u + {}u];\n        let xh{i}_{e} = xq[r{i} * p.x_words_per_row + blk * 8u + {}u];\n",
+                        2 * e,
+                        2 * e + 1
+                    );
+                }
+            }
+            for i in 0..tm {
+                for j in 0..tn {
+                    let terms: Vec<String> = (0..4)
+                        .map(|e| format!("dot4I8Packed(xl{i}_{e}, lo{j}_{e}) + dot4I8Packed(xh{i}_{e}, hi{j}_{e})"))
+                        .collect();
+                    s += &format!(
+                        "        acc{i}_{j} = fma(f32({}), s{j}, acc{i}_{j});\n",
+                        terms.join(" + ")
+                    );
+                }
+            }
+            s += "    }\n";
+        }
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let value = match format {
+                QuantFormat::Int8 => format!("f32(acc{i}_{j}) * xs[r{i}] * scales[c{j}]"),
+                QuantFormat::Int4 => format!("acc{i}_{j} * xs[r{i}]"),
+            };
+            s += &format!(
+                "    if (row0 + {i}u < p.m && col0 + {j}u < p.n) {{ c[(row0 + {i}u) * p.n + col0 + {j}u] = {value}; }}\n"
+            );
+        }
+    }
+    s
+}
+
+/// Row-wise int8 quantization as `quantize_rows.wgsl` does it: `(scale, values)` per row, with
+/// scale = max|x| / 127 (1 for a zero row) and values round-half-even of `x / scale`.
+pub fn quantize_rows_reference(x: &[f32], m: usize, k: usize) -> Vec<(f32, Vec<i8>)> {
+    (0..m)
+        .map(|r| {
+            let row = &x[r * k..][..k];
+            let mx = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = if mx == 0.0 { 1.0 } else { mx / 127.0 };
+            let q = row
+                .iter()
+                .map(|v| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8)
+                .collect();
+            (scale, q)
+        })
+        .collect()
+}
+
+/// CPU reference of the packed-dot product with int8 weights: exact integer sums, then
+/// `sum · x_scale · w_scale` in f32 as the kernel does.
+pub fn reference_int8_dot4(x: &[f32], m: usize, w: &Int8Weights) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    let xq = quantize_rows_reference(x, m, k);
+    let mut out = vec![0f32; m * n];
+    for (r, (xs, xv)) in xq.iter().enumerate() {
+        for c in 0..n {
+            let sum: i32 = (0..k).map(|kk| xv[kk] as i32 * w.value(c, kk) as i32).sum();
+            out[r * n + c] = sum as f32 * xs * w.scales[c];
+        }
+    }
+    out
+}
+
+/// CPU reference of the packed-dot product with int4 weights: exact integer sums per 32-value
+/// block, each scaled by its block's scale into an f32 sum, then by the row's scale.
+pub fn reference_int4_dot4(x: &[f32], m: usize, w: &Int4Weights) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    let xq = quantize_rows_reference(x, m, k);
+    let blocks = Int4Weights::blocks_per_row(k);
+    let mut out = vec![0f32; m * n];
+    for (r, (xs, xv)) in xq.iter().enumerate() {
+        for c in 0..n {
+            let mut acc = 0f32;
+            for blk in 0..blocks {
+                let sum: i32 = (blk * INT4_BLOCK..((blk + 1) * INT4_BLOCK).min(k))
+                    .map(|kk| xv[kk] as i32 * w.value(c, kk) as i32)
+                    .sum();
+                acc = (sum as f32).mul_add(w.scale(c, blk), acc);
+            }
+            out[r * n + c] = acc * xs;
+        }
+    }
+    out
+}
+
 /// CPU reference: dequantize, then the f32 product `X·Wᵀ` with f64 accumulation.
 pub fn reference(x: &[f32], m: usize, w_dequantized: &[f32], n: usize, k: usize) -> Vec<f32> {
     let s = crate::gemm::GemmShape {
@@ -270,7 +488,8 @@ pub fn reference_int4(x: &[f32], m: usize, w: &Int4Weights) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::QuantizedWeight;
-    use crate::testing::{assert_close, for_each_device, random_vec, to_vec, upload};
+    use crate::testing::{assert_close, for_each_kernel_device, plan_of, random_vec, to_vec, upload};
+    use crate::variants::Qgemm;
     use burn::tensor::Tensor;
 
     fn check(m: usize, n: usize, k: usize, seed: u64) {
@@ -280,14 +499,25 @@ mod tests {
         let q4 = Int4Weights::quantize(&w, n, k);
         let want8 = reference_int8(&x, m, &q8);
         let want4 = reference_int4(&x, m, &q4);
-        for_each_device(|dev, label| {
+        let (dot8, dot4) = (reference_int8_dot4(&x, m, &q8), reference_int4_dot4(&x, m, &q4));
+        for_each_kernel_device(|dev, label| {
             let xt: Tensor<2> = upload(&x, &[m, k], dev);
-            let got8 = crate::qgemm(xt.clone(), &QuantizedWeight::int8(&q8, dev));
-            let got4 = crate::qgemm(xt, &QuantizedWeight::int4(&q4, dev));
-            assert_eq!(got8.dims(), [m, n]);
-            // Same math as dequantize-then-GEMM; only f32 summation order differs.
-            assert_close(&to_vec(got8), &want8, 1e-5, &format!("{label} int8 {m}x{n}x{k}"));
-            assert_close(&to_vec(got4), &want4, 1e-5, &format!("{label} int4 {m}x{n}x{k}"));
+            let got8 = to_vec(crate::qgemm(xt.clone(), &QuantizedWeight::int8(&q8, dev)));
+            let got4 = to_vec(crate::qgemm(xt, &QuantizedWeight::int4(&q4, dev)));
+            assert_eq!(got8.len(), m * n);
+            if plan_of(dev).is_some_and(|p| p.qgemm == Qgemm::Dot4) {
+                // Integer sums are exact; an activation on a rounding boundary may quantize one
+                // step apart where the device's division differs from Rust's by an ulp.
+                assert_close(&got8, &dot8, 1e-3, &format!("{label} int8 dot4 {m}x{n}x{k}"));
+                assert_close(&got4, &dot4, 1e-3, &format!("{label} int4 dot4 {m}x{n}x{k}"));
+                // Against weight-only: activation rounding (≤ 1/254 of each row's max) adds up.
+                assert_close(&got8, &want8, 2e-2, &format!("{label} int8 dot4 vs weight-only"));
+                assert_close(&got4, &want4, 2e-2, &format!("{label} int4 dot4 vs weight-only"));
+            } else {
+                // Same math as dequantize-then-GEMM; only f32 summation order differs.
+                assert_close(&got8, &want8, 1e-5, &format!("{label} int8 {m}x{n}x{k}"));
+                assert_close(&got4, &want4, 1e-5, &format!("{label} int4 {m}x{n}x{k}"));
+            }
         });
     }
 
@@ -317,14 +547,22 @@ mod tests {
         let x = random_vec(m * k, 51, 1.0);
         let q8 = Int8Weights::quantize(&w, n, k);
         let exact = reference(&x, m, &w, n, k);
-        for_each_device(|dev, label| {
+        for_each_kernel_device(|dev, label| {
             let got = to_vec(crate::qgemm(
                 upload::<2>(&x, &[m, k], dev),
                 &QuantizedWeight::int8(&q8, dev),
             ));
+            // With packed dots the activations are rounded too: each by at most half its row's
+            // step, times the weight it meets.
+            let dot4 = plan_of(dev).is_some_and(|p| p.qgemm == Qgemm::Dot4);
+            let rows = quantize_rows_reference(&x, m, k);
+            let deq = q8.dequantize();
             for r in 0..m {
                 for c in 0..n {
-                    let bound: f32 = (0..k).map(|kk| x[r * k + kk].abs() * q8.error_bound(c)).sum();
+                    let mut bound: f32 = (0..k).map(|kk| x[r * k + kk].abs() * q8.error_bound(c)).sum();
+                    if dot4 {
+                        bound += (0..k).map(|kk| deq[c * k + kk].abs() * rows[r].0 / 2.0).sum::<f32>();
+                    }
                     let err = (got[r * n + c] - exact[r * n + c]).abs();
                     assert!(
                         err <= bound * 1.001 + 1e-5,
