@@ -26,6 +26,30 @@ impl ModelError {
     }
 }
 
+/// The `__metadata__` of every safetensors file divergen writes. transformers and diffusers read
+/// `metadata.get("format")` when loading and fail on a file that has no metadata at all.
+pub fn safetensors_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// Writes tensors as a safetensors file with [`safetensors_metadata`], through a temporary file
+/// renamed into place, so a failure never leaves a half-written checkpoint under `path`.
+pub fn write_safetensors<S, V>(tensors: impl IntoIterator<Item = (S, V)>, path: &Path) -> Result<(), ModelError>
+where
+    S: AsRef<str> + Ord + fmt::Display,
+    V: safetensors::View,
+{
+    let bytes = safetensors::serialize(tensors, Some(safetensors_metadata()))
+        .map_err(|e| ModelError::at(path, format!("{e:?}")))?;
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::at(path, e)
+        })
+}
+
 struct Entry {
     dtype: Dtype,
     shape: Vec<usize>,
@@ -267,4 +291,31 @@ fn decode_bf16(raw: &[u8]) -> Vec<f32> {
     raw.chunks_exact(2)
         .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_files_carry_the_format_metadata_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let values: Vec<u8> = [1f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![3], &values).unwrap();
+        write_safetensors([("w".to_string(), view)], &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(
+            metadata
+                .metadata()
+                .as_ref()
+                .and_then(|m| m.get("format"))
+                .map(String::as_str),
+            Some("pt")
+        );
+        let read = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(read.tensor("w").unwrap().data(), values.as_slice());
+        assert!(!dir.path().join("w.safetensors.tmp").exists());
+    }
 }

@@ -72,7 +72,7 @@ pub fn write_checkpoint(
                 .map_err(|e| ModelError::at(path, format!("{k}: {e:?}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| ModelError::at(path, format!("{e:?}")))
+    crate::checkpoint::write_safetensors(views, path)
 }
 
 /// Builds a diffusers pipeline folder from a fixture made by `make_pipeline_fixture.py`: its

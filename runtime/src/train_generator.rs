@@ -134,7 +134,7 @@ fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
         .filter(|(k, _)| k.starts_with("text_model."))
         .collect();
     let target = dir.join("model.safetensors");
-    safetensors::serialize_to_file(kept, None, &target).map_err(|e| format!("{}: {e:?}", target.display()))?;
+    divergen_models::checkpoint::write_safetensors(kept, &target).map_err(|e| e.to_string())?;
     let tokenizer = ClipTokenizer::from_dir(clip).map_err(|e| format!("{}: {e}", clip.display()))?;
     let tokenizer_dir = out.join("tokenizer");
     std::fs::create_dir_all(&tokenizer_dir).map_err(|e| format!("{}: {e}", tokenizer_dir.display()))?;

@@ -213,3 +213,28 @@ fn the_shipped_models_match_segment_anything_and_diffusers() {
         .unwrap();
     assert_close("UNet", &f32s(&fixtures.join("unet-out.f32")), &out, 1e-4);
 }
+
+/// transformers and diffusers refuse a safetensors file without `__metadata__`
+/// (`metadata.get("format")` on `None`), so every shipped file must carry `{"format": "pt"}`.
+#[test]
+fn every_shipped_safetensors_file_carries_the_format_metadata() {
+    fn visit(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, found);
+            } else if path.extension().is_some_and(|e| e == "safetensors") {
+                found.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    visit(&Path::new(env!("CARGO_MANIFEST_DIR")).join("default"), &mut files);
+    assert!(files.len() >= 5, "{files:?}");
+    for path in files {
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let format = metadata.metadata().as_ref().and_then(|m| m.get("format").cloned());
+        assert_eq!(format.as_deref(), Some("pt"), "{}", path.display());
+    }
+}

@@ -91,7 +91,7 @@ impl StateDict {
                     .map_err(|e| ModelError::at(path, format!("{k}: {e:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        safetensors::serialize_to_file(views, None, path).map_err(|e| ModelError::at(path, format!("{e:?}")))
+        crate::checkpoint::write_safetensors(views, path)
     }
 }
 
