@@ -85,6 +85,9 @@ pub struct CocoAnnotation {
     pub image_id: u64,
     pub category_id: u32,
     pub segmentation: CocoRle,
+    /// Pixels of the mask. Written as an integer; read from any JSON number, since COCO's own
+    /// files (and tools that compute polygon areas) store floats.
+    #[serde(deserialize_with = "area_from_number")]
     pub area: u64,
     pub bbox: [f32; 4],
     pub iscrowd: u8,
@@ -98,6 +101,15 @@ pub struct CocoAnnotation {
     pub clip_score: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sam_iou: Option<f32>,
+}
+
+fn area_from_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let area = f64::deserialize(d)?;
+    if area.is_finite() && area >= 0.0 && area <= u64::MAX as f64 {
+        Ok(area.round() as u64)
+    } else {
+        Err(serde::de::Error::custom(format!("area {area} is not a pixel count")))
+    }
 }
 
 impl CocoAnnotation {

@@ -47,6 +47,7 @@ enum Command {
     },
     /// Check every annotation and image in an output folder; print counts per category.
     Verify {
+        /// A `divergen-host serve --out` folder, or a run's `dataset/` folder.
         dir: PathBuf,
         /// Print the report as JSON.
         #[arg(long)]
@@ -55,7 +56,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The host's own lines (connections, shards) at info; dependencies only warnings.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,divergen_host=info,divergen_protocol=info"),
+    )
+    .init();
     let result = match Cli::parse().command {
         Command::Serve {
             listen,
@@ -178,14 +183,19 @@ fn run_verify(dir: &std::path::Path, json: bool) -> Result<ExitCode, String> {
             eprintln!("problem: {problem}");
         }
         if report.problems.len() > 50 {
-            eprintln!("… and {} more problems", report.problems.len() - 50);
+            eprintln!("… and {} more", report.problems.len() - 50);
         }
     }
     if report.problems.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
         if !json {
-            eprintln!("divergen-host: {} problems in {}", report.problems.len(), dir.display());
+            let n = report.problems.len();
+            eprintln!(
+                "divergen-host: {n} problem{} in {}",
+                if n == 1 { "" } else { "s" },
+                dir.display()
+            );
         }
         Ok(ExitCode::FAILURE)
     }

@@ -220,6 +220,34 @@ pub fn verify(out: &Path, mut progress: impl FnMut(u64, u64)) -> io::Result<Repo
                 )),
             }
         }
+        // LVIS's federated loss treats neg_category_ids as verified absent: an image that also
+        // annotates one of them trains its own instances as background.
+        let annotated: HashSet<(u64, u32)> = file.annotations.iter().map(|a| (a.image_id, a.category_id)).collect();
+        for image in &file.images {
+            let contradicted: Vec<u32> = image
+                .neg_category_ids
+                .iter()
+                .copied()
+                .filter(|c| annotated.contains(&(image.id, *c)))
+                .collect();
+            if !contradicted.is_empty() {
+                problem(format!(
+                    "image {} lists categories {contradicted:?} in neg_category_ids but annotates them",
+                    image.id
+                ));
+            }
+            let both: Vec<&u32> = image
+                .neg_category_ids
+                .iter()
+                .filter(|c| image.not_exhaustive_category_ids.contains(c))
+                .collect();
+            if !both.is_empty() {
+                problem(format!(
+                    "image {} lists categories {both:?} as both negative and not exhaustively annotated",
+                    image.id
+                ));
+            }
+        }
         report.images += file.images.len() as u64;
         report.annotations += file.annotations.len() as u64;
         let tar_path = dir.with_extension("tar");

@@ -65,3 +65,53 @@ fn serve_refuses_a_bad_category_file_and_an_unusable_address() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("not-an-address"));
 }
+
+/// A hand-written shard as another tool might write it: a float `area` (valid COCO) is read, and
+/// an image that annotates a category it also lists as verified absent is the one problem.
+#[test]
+fn verify_reads_float_areas_and_reports_contradictory_negative_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("shard-000000");
+    std::fs::create_dir_all(shard.join("images")).unwrap();
+    std::fs::write(
+        dir.path().join("categories.json"),
+        r#"{"categories":[{"id":1,"name":"a","synset":"a.n.01","def":"","frequency":"f"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        shard.join("images/1.png"),
+        divergen_host::store::encode_png(4, 4, &[0u8; 4 * 4 * 3]),
+    )
+    .unwrap();
+    let annotations = serde_json::json!({
+        "info": {"description": "written by hand", "version": "1", "shard": 0},
+        "licenses": [],
+        "categories": [{"id": 1, "name": "a", "synset": "a.n.01", "def": "", "frequency": "f",
+                        "image_count": 1, "instance_count": 1}],
+        "images": [{"id": 1, "file_name": "1.png", "width": 4, "height": 4,
+                    "neg_category_ids": [1], "not_exhaustive_category_ids": [],
+                    "device_id": "d", "run_id": "r", "seed": 0, "seq": 0}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                         "segmentation": {"size": [4, 4], "counts": [0, 2, 14]},
+                         "area": 2.0, "bbox": [0.0, 0.0, 1.0, 2.0], "iscrowd": 0, "source": "real"}],
+    });
+    std::fs::write(
+        shard.join("annotations.json"),
+        serde_json::to_vec(&annotations).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        shard.join("index.json"),
+        r#"{"shard":0,"samples":1,"first_image_id":1,"first_annotation_id":1,"annotations":1,"sessions":[]}"#,
+    )
+    .unwrap();
+    let output = host().arg("verify").arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("neg_category_ids") && stderr.contains("[1]"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(" 1 problem in "), "{stderr}");
+    assert!(!stderr.contains("area"), "the float area was refused: {stderr}");
+}

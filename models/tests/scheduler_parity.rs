@@ -105,3 +105,16 @@ fn bad_scheduler_settings_name_the_key() {
             .contains("steps are done")
     );
 }
+
+/// SD 1.5's scheduler config (leading spacing, steps_offset 1) cannot take 1000 steps: the first
+/// timestep would be 1000. The error says how many steps do fit, and that count works.
+#[test]
+fn too_many_steps_for_the_spacing_name_the_count_that_fits() {
+    let config: SchedulerConfig =
+        serde_json::from_str(r#"{"timestep_spacing": "leading", "steps_offset": 1}"#).unwrap();
+    let mut ddim = Scheduler::new(SchedulerKind::Ddim, config).unwrap();
+    let err = ddim.set_timesteps(1000).unwrap_err().to_string();
+    assert!(err.contains("at most 999 steps fit"), "{err}");
+    ddim.set_timesteps(999).unwrap();
+    ddim.set_timesteps(1000 / 2).unwrap();
+}

@@ -67,11 +67,7 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
     let images = args
         .image
         .iter()
-        .map(|path| {
-            image::open(path)
-                .map(|i| i.into_rgb8())
-                .map_err(|e| format!("{}: {e}", path.display()))
-        })
+        .map(|path| divergen_runtime::images::open(path).map(|i| i.into_rgb8()))
         .collect::<Result<Vec<_>, _>>()?;
     let config = ClipConfig::from_file(&args.clip.join("config.json")).map_err(|e| e.to_string())?;
     let side = config.vision_config.image_size as u32;

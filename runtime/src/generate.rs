@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
-use divergen_models::diffusion::pipeline::{GenerateOptions, generate, latent_factor, read_latents};
+use divergen_models::diffusion::pipeline::{GenerateOptions, generate_observed, latent_factor, read_latents};
 use divergen_models::diffusion::scheduler::SchedulerKind;
 use divergen_models::layers::Quantization;
 
@@ -16,19 +16,23 @@ pub struct GenerateArgs {
     /// vae/, scheduler/), e.g. a local copy of stabilityai/sd-turbo.
     #[arg(long)]
     pub diffusion: PathBuf,
+    /// What to draw, e.g. "a photo of a single mug, in a white background".
     #[arg(long)]
     pub prompt: String,
     /// The negative prompt (used when --guidance > 1).
     #[arg(long, default_value = "")]
     pub negative: String,
+    /// Denoising steps (1 for SD-Turbo; at most the schedule's training timesteps).
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// Classifier-free guidance scale; 0 or 1 turns it off (SD-Turbo: --steps 1 --guidance 0).
-    #[arg(long, default_value_t = 7.5)]
+    /// Classifier-free guidance scale, finite and ≥ 0; 0 or 1 turns it off (SD-Turbo: --steps 1
+    /// --guidance 0).
+    #[arg(long, default_value_t = 7.5, value_parser = parse_guidance, allow_negative_numbers = true)]
     pub guidance: f32,
     /// ddim, euler, euler-a, dpm++2m or lcm (default: the folder's scheduler).
     #[arg(long, value_parser = parse_scheduler)]
     pub scheduler: Option<SchedulerKind>,
+    /// Seed of the initial noise (ignored with --latents).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Initial latents (.npy, f32, [1, 4, H/8, W/8]) instead of seeded noise, e.g. the ones a
@@ -75,6 +79,12 @@ fn parse_size(s: &str) -> Result<(usize, usize), String> {
     Ok((w, h))
 }
 
+fn parse_guidance(s: &str) -> Result<f32, String> {
+    let g: f32 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    divergen_models::diffusion::mix::check_guidance(g)?;
+    Ok(g)
+}
+
 pub fn run(request: &DeviceRequest, args: &GenerateArgs) -> Result<(), String> {
     if args.steps == 0 {
         return Err("--steps must be at least 1".into());
@@ -103,7 +113,18 @@ pub fn run(request: &DeviceRequest, args: &GenerateArgs) -> Result<(), String> {
         clip_skip: args.clip_skip,
         taesd: args.taesd.clone(),
     };
-    let out = generate(&args.diffusion, &options, &device.device).map_err(|e| e.to_string())?;
+    let progress = divergen_runtime::progress::Progress::new("denoise", args.steps as u64);
+    let out = generate_observed(
+        &args.diffusion,
+        &options,
+        &device.device,
+        Some(&mut |done, total| {
+            progress.set_message(format!("{width}x{height}"));
+            progress.set_position(done as u64 * args.steps as u64 / total.max(1) as u64);
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    progress.finish();
     crate::png::write_atomically(&image::DynamicImage::ImageRgb8(out.image), &args.out)?;
     if args.json {
         let peaks: serde_json::Map<String, serde_json::Value> =

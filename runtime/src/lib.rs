@@ -3,5 +3,7 @@
 pub mod domain;
 pub mod embedded;
 pub mod eval;
+pub mod images;
 pub mod pipeline;
+pub mod progress;
 pub mod stream;

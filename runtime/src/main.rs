@@ -23,6 +23,10 @@ use divergen_kernels::variants::KernelFamily;
     about = "DiverGen's data-generation pipeline, on the device"
 )]
 struct Cli {
+    /// More log output: -v shows our debug lines and dependencies' info, -vv everything.
+    /// `RUST_LOG` overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(flatten)]
     device: DeviceArgs,
     #[command(subcommand)]
@@ -35,7 +39,8 @@ struct DeviceArgs {
     /// Adapter to use: its index in `divergen devices`, or part of its name.
     #[arg(long, global = true, env = "DIVERGEN_ADAPTER")]
     adapter: Option<String>,
-    /// Graphics API: vulkan, metal, dx12 or auto.
+    /// Graphics API: vulkan, metal, dx12 or auto; `cpu` skips every adapter and runs burn's CPU
+    /// backend.
     #[arg(long, global = true, env = "DIVERGEN_BACKEND")]
     backend: Option<String>,
     /// `adapter` (all the adapter offers) or `mobile` (WebGPU's defaults, what phones guarantee).
@@ -121,9 +126,63 @@ enum BenchCommand {
     Models(bench::ModelBenchArgs),
 }
 
+/// Options whose values are comma-separated numbers that may start with a minus sign.
+const COORDINATE_OPTIONS: [&str; 2] = ["--point", "--box"];
+
+/// Rewrites `--point 0,0,1 -5,-5,1` as `--point=0,0,1 --point=-5,-5,1` (and `--box` likewise):
+/// clap would read a value starting with a minus sign as a cluster of short flags, and no
+/// divergen flag is a digit, so such values are unambiguous.
+fn negative_values_attached(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out: Vec<std::ffi::OsString> = Vec::new();
+    let mut option: Option<&str> = None;
+    for arg in args {
+        let text = arg.to_string_lossy().into_owned();
+        let negative = text.starts_with('-') && text[1..].starts_with(|c: char| c.is_ascii_digit() || c == '.');
+        if text.starts_with('-') && !negative {
+            option = COORDINATE_OPTIONS.iter().copied().find(|o| *o == text);
+            if option.is_some() {
+                // Each of its values becomes `option=value` below.
+                continue;
+            }
+        } else if let Some(o) = option {
+            out.push(format!("{o}={text}").into());
+            continue;
+        }
+        out.push(arg);
+    }
+    out
+}
+
+/// Our crates log at info and dependencies (wgpu, cubecl's autotune, naga) only warnings, unless
+/// `-v` asks for more.
+fn log_filter(verbose: u8) -> String {
+    let ours = [
+        "divergen",
+        "divergen_runtime",
+        "divergen_models",
+        "divergen_kernels",
+        "divergen_host",
+    ];
+    let (own, deps) = match verbose {
+        0 => ("info", "warn"),
+        1 => ("debug", "info"),
+        _ => ("trace", "debug"),
+    };
+    std::iter::once(deps.to_string())
+        .chain(ours.iter().map(|c| format!("{c}={own}")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    // Mesa's device-selection layer opens a Wayland/X11 connection to rank GPUs and prints
+    // "XDG_RUNTIME_DIR is invalid" on headless machines; divergen ranks adapters itself.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
+    let cli = Cli::parse_from(negative_values_attached(std::env::args_os()));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(log_filter(cli.verbose))).init();
     let result = cli.device.request().and_then(|request| match cli.command {
         Command::Devices { json } => devices::run(&request, json),
         Command::Bench {

@@ -89,9 +89,7 @@ pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
     if args.points.is_empty() && args.bbox.is_none() {
         return Err("nothing to segment: give --point X,Y,LABEL and/or --box X0,Y0,X1,Y1".into());
     }
-    let image = image::open(&args.image)
-        .map_err(|e| format!("{}: {e}", args.image.display()))?
-        .into_rgb8();
+    let image = divergen_runtime::images::open(&args.image)?.into_rgb8();
     let (w, h) = (image.width(), image.height());
     for p in &args.points {
         if p.x < 0.0 || p.y < 0.0 || p.x >= w as f32 || p.y >= h as f32 {

@@ -294,6 +294,12 @@ fn segment_rejects_bad_prompts_and_broken_checkpoints_without_writing() {
         divergen(&args)
     };
     let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // Negative coordinates parse without the `=` form (clap errors exit 2, ours 1).
+    let out = run(
+        "/nonexistent/sam.pth",
+        &["--point", "-5,-5,1", "0,0,1", "--box", "-3,-2,10,10"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let out = run("/nonexistent/sam.pth", &["--point", "1,2,7"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("label must be 1"), "{}", stderr(&out));
@@ -392,6 +398,15 @@ fn generate_reproduces_the_diffusers_image_from_injected_latents() {
         "{}",
         stderr(&o)
     );
+    // Past one dispatch: refused up front with the limit named, never a panic (exit 101).
+    let o = run(&["--size", "8192x8192"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("65,535 workgroups"), "{}", stderr(&o));
+    for guidance in ["--guidance=NaN", "--guidance=-1"] {
+        let o = run(&[guidance]);
+        assert_eq!(o.status.code(), Some(2), "{guidance}: {}", stderr(&o));
+        assert!(stderr(&o).contains("finite number"), "{}", stderr(&o));
+    }
     let o = divergen(&[
         "generate",
         "--diffusion",

@@ -404,3 +404,40 @@ fn the_cli_refuses_bad_input_and_writes_no_manifest() {
     let (ok, err) = divergen(&["report", out.path().to_str().unwrap()]);
     assert!(!ok && err.contains("run.json"), "{err}");
 }
+
+#[test]
+fn annotations_of_unknown_categories_are_named_and_can_stop_the_run() {
+    let dir = world();
+    let mut real: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("instances.json")).unwrap()).unwrap();
+    let anns = real["annotations"].as_array_mut().unwrap();
+    let template = anns[0].clone();
+    for (id, category) in [(9001, 999), (9002, 999), (9003, 998)] {
+        let mut a = template.clone();
+        a["id"] = id.into();
+        a["category_id"] = category.into();
+        anns.push(a);
+    }
+    std::fs::write(dir.join("instances-unknown.json"), serde_json::to_vec(&real).unwrap()).unwrap();
+    let text = config_text("").replace(
+        "annotations = \"instances.json\"",
+        "annotations = \"instances-unknown.json\"",
+    );
+    assert!(text.contains("instances-unknown.json"));
+    let warn = config_from(&text);
+    let loaded = pipeline::real_data::RealDataset::load(&warn.real.annotations, &warn.real.images).unwrap();
+    let categories = pipeline::categories::Categories::load(&warn.categories).unwrap();
+    let unknown = pipeline::unknown_categories(&loaded, &categories);
+    assert_eq!(unknown.into_iter().collect::<Vec<_>>(), vec![(998, 1), (999, 2)]);
+    let strict = config_from(&text.replace(
+        "annotations = \"instances-unknown.json\"",
+        "annotations = \"instances-unknown.json\"\nunknown_categories = \"error\"",
+    ));
+    let out = tempfile::tempdir().unwrap();
+    let err = pipeline::run(&strict, out.path(), &Destination::Local, &devices()[0].device, "test").unwrap_err();
+    assert!(
+        err.contains("999 (2×)") && err.contains("998 (1×)") && err.contains("instances-unknown.json"),
+        "{err}"
+    );
+    assert!(!out.path().join("run.json").exists());
+}

@@ -53,6 +53,18 @@ pub struct GeneratorMix {
     pub generators: Vec<GeneratorSpec>,
 }
 
+/// Classifier-free guidance scales are finite and not negative (0 or 1 run the prompt alone):
+/// NaN would turn every image into NaN, a negative scale would push away from the prompt.
+pub fn check_guidance(guidance: f32) -> Result<(), String> {
+    if guidance.is_finite() && guidance >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "guidance {guidance} must be a finite number ≥ 0 (0 or 1 turn it off)"
+        ))
+    }
+}
+
 impl GeneratorMix {
     /// Checks every generator's settings; errors name the generator and the field.
     pub fn new(generators: Vec<GeneratorSpec>) -> Result<Self, ModelError> {
@@ -70,6 +82,7 @@ impl GeneratorMix {
             if g.steps == 0 {
                 return Err(bad("steps must be at least 1".into()));
             }
+            check_guidance(g.guidance).map_err(bad)?;
             if g.width == 0 || g.height == 0 || !g.width.is_multiple_of(8) || !g.height.is_multiple_of(8) {
                 return Err(bad(format!(
                     "size {}x{} must be positive multiples of 8",

@@ -207,11 +207,22 @@ impl StableDiffusion {
                 format!("_class_name {class:?}: a StableDiffusionPipeline folder is expected"),
             ));
         }
+        super::mix::check_guidance(settings.guidance).map_err(ModelError)?;
         let (w, h) = (settings.width, settings.height);
         let factor = latent_factor(dir, settings.taesd.as_deref())?;
         if !w.is_multiple_of(factor) || !h.is_multiple_of(factor) || w == 0 || h == 0 {
             return Err(ModelError(format!(
                 "size {w}x{h} must be positive multiples of {factor} (the VAE's scale factor)"
+            )));
+        }
+        if let Some(max) = divergen_kernels::conv::max_output_pixels(device)
+            && w * h > max
+        {
+            return Err(ModelError(format!(
+                "size {w}x{h}: the decoder's full-resolution convolutions would need more than one \
+                 dispatch's 65,535 workgroups; this device takes at most {max} pixels per image \
+                 (e.g. {side}x{side})",
+                side = (max as f64).sqrt().floor() as usize / factor * factor
             )));
         }
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(|e| ModelError(e.to_string()))?;
@@ -264,6 +275,17 @@ impl StableDiffusion {
     }
 
     pub fn generate(&mut self, requests: &[Request]) -> Result<BatchOutput, ModelError> {
+        self.generate_observed(requests, None)
+    }
+
+    /// [`Self::generate`], calling `on_step(done, total)` after each UNet pass (`total` passes for
+    /// the whole batch). Each pass is waited for before the call, so the counts follow the
+    /// device's work rather than how far ahead the queue runs.
+    pub fn generate_observed(
+        &mut self,
+        requests: &[Request],
+        mut on_step: Option<&mut dyn FnMut(usize, usize)>,
+    ) -> Result<BatchOutput, ModelError> {
         let opts = &self.settings;
         let device = self.device.clone();
         let cfg = opts.guidance > 1.0;
@@ -313,6 +335,7 @@ impl StableDiffusion {
         let unet = self.unet.as_ref().expect("loaded above");
         let per_pass = (4 * 64 * 64 / n).max(1);
         let mut contexts = contexts.into_iter();
+        let mut passes = (0, 0);
         for chunk in requests.chunks(per_pass) {
             let k = chunk.len();
             let mut scheduler =
@@ -350,6 +373,7 @@ impl StableDiffusion {
                 Tensor::<4>::from_data(TensorData::new(initial, batch_shape), &device) * scheduler.init_noise_sigma();
             let mut draws = 0u64;
             timesteps = scheduler.timesteps().to_vec();
+            passes.1 = requests.len().div_ceil(per_pass) * timesteps.len();
             for &t in &timesteps {
                 let x = scheduler.scale_model_input(latents.clone());
                 let (input, ts) = if cfg {
@@ -380,6 +404,11 @@ impl StableDiffusion {
                     Tensor::<4>::from_data(TensorData::new(values, batch_shape), &device)
                 };
                 latents = scheduler.step(noise_pred, latents, &mut noise)?;
+                if let Some(report) = on_step.as_mut() {
+                    sync(&device)?;
+                    passes.0 += 1;
+                    report(passes.0, passes.1);
+                }
             }
             let [_, c, h, w] = latents.dims();
             for i in 0..k {
@@ -439,13 +468,26 @@ fn to_rgb8(image: Tensor<4>) -> Result<RgbImage, ModelError> {
 
 /// One image with the single-image memory plan: each model loaded for its stage, then freed.
 pub fn generate(dir: &Path, opts: &GenerateOptions, device: &Device) -> Result<Generated, ModelError> {
+    generate_observed(dir, opts, device, None)
+}
+
+/// [`generate`], reporting each denoising step as [`StableDiffusion::generate_observed`] does.
+pub fn generate_observed(
+    dir: &Path,
+    opts: &GenerateOptions,
+    device: &Device,
+    on_step: Option<&mut dyn FnMut(usize, usize)>,
+) -> Result<Generated, ModelError> {
     let mut sd = StableDiffusion::open(dir, opts, device)?;
-    let mut out = sd.generate(&[Request {
-        prompt: opts.prompt.clone(),
-        negative_prompt: opts.negative_prompt.clone(),
-        seed: opts.seed,
-        latents: opts.latents.clone(),
-    }])?;
+    let mut out = sd.generate_observed(
+        &[Request {
+            prompt: opts.prompt.clone(),
+            negative_prompt: opts.negative_prompt.clone(),
+            seed: opts.seed,
+            latents: opts.latents.clone(),
+        }],
+        on_step,
+    )?;
     let image = out
         .images
         .pop()

@@ -257,6 +257,47 @@ impl Scheduler {
         if steps == 0 || steps > n {
             return Err(ModelError(format!("steps must be 1..={n}, got {steps}")));
         }
+        let timesteps = self.timesteps_for(steps)?;
+        let out_of_range = |ts: &[f64]| ts.iter().copied().find(|&t| t < 0.0 || t as usize >= n);
+        if let Some(bad) = out_of_range(&timesteps) {
+            // `leading` spacing plus `steps_offset` (SD 1.5's config) pushes the first timestep
+            // past the schedule for the largest counts; name the count that still fits.
+            let fits = (1..steps)
+                .rev()
+                .find(|&s| self.timesteps_for(s).is_ok_and(|ts| out_of_range(&ts).is_none()));
+            return Err(ModelError(format!(
+                "{steps} steps put timestep {bad} outside the schedule's 0..{n} ({:?} spacing, steps_offset {}); {}",
+                self.spacing,
+                self.config.steps_offset,
+                fits.map_or("no step count fits".to_string(), |s| format!("at most {s} steps fit"))
+            )));
+        }
+        self.timesteps = timesteps.iter().map(|&t| t as f32).collect();
+        self.sigmas = match self.kind {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral | SchedulerKind::DpmSolverMultistep => {
+                let table = self.sigma_table();
+                let last = if self.config.final_sigmas_type == "sigma_min" {
+                    table[0]
+                } else {
+                    0.0
+                };
+                timesteps
+                    .iter()
+                    .map(|&t| interp(t, &table) as f32)
+                    .chain(std::iter::once(last))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        self.step_index = 0;
+        self.x0_history.clear();
+        self.lower_order_nums = 0;
+        Ok(())
+    }
+
+    /// The timesteps of `steps` inference steps, as diffusers' `set_timesteps` computes them.
+    fn timesteps_for(&self, steps: usize) -> Result<Vec<f64>, ModelError> {
+        let n = self.config.num_train_timesteps;
         let offset = self.config.steps_offset as f64;
         let timesteps: Vec<f64> = match self.kind {
             SchedulerKind::Lcm => {
@@ -314,30 +355,7 @@ impl Scheduler {
                 Spacing::Trailing => trailing(n, steps),
             },
         };
-        self.timesteps = timesteps.iter().map(|&t| t as f32).collect();
-        if let Some(bad) = self.timesteps.iter().find(|&&t| t < 0.0 || t as usize >= n) {
-            return Err(ModelError(format!("timestep {bad} falls outside 0..{n}")));
-        }
-        self.sigmas = match self.kind {
-            SchedulerKind::Euler | SchedulerKind::EulerAncestral | SchedulerKind::DpmSolverMultistep => {
-                let table = self.sigma_table();
-                let last = if self.config.final_sigmas_type == "sigma_min" {
-                    table[0]
-                } else {
-                    0.0
-                };
-                timesteps
-                    .iter()
-                    .map(|&t| interp(t, &table) as f32)
-                    .chain(std::iter::once(last))
-                    .collect()
-            }
-            _ => Vec::new(),
-        };
-        self.step_index = 0;
-        self.x0_history.clear();
-        self.lower_order_nums = 0;
-        Ok(())
+        Ok(timesteps)
     }
 
     /// The timesteps to give the model, one per step.

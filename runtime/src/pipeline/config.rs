@@ -194,6 +194,18 @@ pub struct RealConfig {
     pub annotations: PathBuf,
     /// The folder its `file_name`s are relative to.
     pub images: PathBuf,
+    /// Annotations whose category id is not in `categories.table`: `warn` (default) leaves them
+    /// out with a warning naming the ids and counts; `error` stops the run before any work.
+    #[serde(default)]
+    pub unknown_categories: UnknownCategories,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownCategories {
+    #[default]
+    Warn,
+    Error,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]

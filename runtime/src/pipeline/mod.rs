@@ -229,6 +229,41 @@ struct Annotated {
     result: Result<annotation::Annotated, DropReason>,
 }
 
+/// Real annotations whose category is not in the table, as id → count.
+pub fn unknown_categories(real: &RealDataset, categories: &Categories) -> BTreeMap<u32, usize> {
+    let mut unknown = BTreeMap::new();
+    for a in real.images.iter().flat_map(|i| &i.annotations) {
+        if categories.get(a.category_id).is_none() {
+            *unknown.entry(a.category_id).or_insert(0) += 1;
+        }
+    }
+    unknown
+}
+
+/// Says which real annotations the run cannot use because their category is unknown, and stops
+/// the run if the config asks for that.
+fn check_unknown_categories(real: &RealDataset, categories: &Categories, config: &RunConfig) -> Result<(), String> {
+    let unknown = unknown_categories(real, categories);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let total: usize = unknown.values().sum();
+    let ids: Vec<String> = unknown.iter().map(|(id, n)| format!("{id} ({n}×)")).collect();
+    let what = format!(
+        "{}: {total} annotations name category ids that {} does not have: {}",
+        real.source.display(),
+        config.categories.table.display(),
+        ids.join(", ")
+    );
+    match config.real.unknown_categories {
+        config::UnknownCategories::Error => Err(format!("{what} (real.unknown_categories = \"error\")")),
+        config::UnknownCategories::Warn => {
+            log::warn!("{what}; they are left out (set real.unknown_categories = \"error\" to stop instead)");
+            Ok(())
+        }
+    }
+}
+
 /// Runs the four stages; writes `<out>/run.json` last, so its presence means the run finished.
 pub fn run(
     config: &RunConfig,
@@ -240,6 +275,7 @@ pub fn run(
     let run_id = run_id(config)?;
     let categories = Categories::load(&config.categories)?;
     let real = RealDataset::load(&config.real.annotations, &config.real.images)?;
+    check_unknown_categories(&real, &categories, config)?;
     let mix = GeneratorMix::new(config.generation.generators.clone()).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let manifest_path = out.join(MANIFEST);
@@ -409,12 +445,8 @@ pub fn run(
     let mut records: Vec<InstanceRecord> = Vec::with_capacity(jobs.len());
     let mut embeddings: Vec<Option<Vec<f32>>> = Vec::with_capacity(jobs.len());
     let mut pool_instances: Vec<PoolInstance> = Vec::new();
-    let progress = indicatif::ProgressBar::new(jobs.len() as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    progress.set_prefix("generate");
+    // Counts instances through all three stages; the message follows the denoising steps.
+    let progress = crate::progress::Progress::new("instances", jobs.len() as u64);
     for batch in (0..jobs.len()).collect::<Vec<_>>().chunks(generation.batch) {
         // Stage 1: each generator's share of the batch.
         let start = Instant::now();
@@ -433,9 +465,16 @@ pub fn run(
                     latents: None,
                 })
                 .collect();
+            let id = &mix.generators[g].id;
             let generated = sd
-                .generate(&requests)
-                .map_err(|e| format!("generator {:?}: {e}", mix.generators[g].id))?;
+                .generate_observed(
+                    &requests,
+                    Some(&mut |done, total| {
+                        progress.set_message(format!("generating {} with {id}: step {done}/{total}", mine.len()));
+                        progress.set_position(records.len() as u64);
+                    }),
+                )
+                .map_err(|e| format!("generator {id:?}: {e}"))?;
             log::debug!(
                 "generator {:?}: {} images, encode {:.0} ms, denoise {:.0} ms, decode {:.0} ms",
                 mix.generators[g].id,
@@ -451,6 +490,7 @@ pub fn run(
         stages.generation.add(start, images.len());
 
         // Stage 2: SAM-background.
+        progress.set_message(format!("annotating and filtering {}", batch.len()));
         let start = Instant::now();
         let mut annotated: Vec<Annotated> = Vec::with_capacity(images.len());
         {
@@ -578,7 +618,7 @@ pub fn run(
             progress.inc(1);
         }
     }
-    progress.finish_and_clear();
+    progress.finish();
     for sd in &mut diffusion {
         sd.unload();
     }
@@ -607,8 +647,7 @@ pub fn run(
     let mut sink = Sink::open(target, &config.device_id, &run_id, categories.table.clone())?;
     let count = config.paste.images.unwrap_or(real.images.len());
     let mut paste = PasteReport::default();
-    let bar = indicatif::ProgressBar::new(count as u64);
-    bar.set_prefix("paste");
+    let bar = crate::progress::Progress::new("paste", count as u64);
     for i in 0..count {
         let Some(real_image) = real.images.get(i % real.images.len().max(1)) else {
             break;
@@ -656,7 +695,7 @@ pub fn run(
         paste.images += 1;
         bar.inc(1);
     }
-    bar.finish_and_clear();
+    bar.finish();
     let output = sink.finish()?;
     paste.instances_per_image = if paste.images > 0 {
         paste.instances_pasted as f64 / paste.images as f64
@@ -801,10 +840,22 @@ fn to_sample(
         height: h,
         image: ImageData::Png(divergen_host::store::encode_png(w, h, image.as_raw())),
         instances,
-        neg_category_ids: entry.neg_category_ids.clone(),
+        neg_category_ids: negative_categories(entry, layers),
         not_exhaustive_category_ids: entry.not_exhaustive_category_ids.clone(),
     };
     Ok(sample)
+}
+
+/// The real image's verified-absent categories, less every category the sample now annotates
+/// (pasting a category makes it present) and any it lists as not exhaustively annotated (present
+/// too), so LVIS's federated loss never trains an annotated instance as background.
+fn negative_categories(entry: &real_data::ImageEntry, layers: &[augmentation::Layer]) -> Vec<u32> {
+    entry
+        .neg_category_ids
+        .iter()
+        .copied()
+        .filter(|c| !layers.iter().any(|l| l.category_id == *c) && !entry.not_exhaustive_category_ids.contains(c))
+        .collect()
 }
 
 fn encode_rgba(image: &image::RgbaImage) -> Result<Vec<u8>, String> {
@@ -842,4 +893,37 @@ pub fn read_records(dir: &Path) -> Result<Vec<InstanceRecord>, String> {
     let path = dir.join(INSTANCES);
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pasted_category_leaves_the_negative_list() {
+        let entry = real_data::ImageEntry {
+            id: 1,
+            file_name: None,
+            coco_url: None,
+            width: 2,
+            height: 1,
+            neg_category_ids: vec![3, 5, 7, 9],
+            not_exhaustive_category_ids: vec![9],
+        };
+        let layer = |category_id, source| Layer {
+            category_id,
+            mask: vec![true, false],
+            bbox: [0, 0, 1, 1],
+            source,
+        };
+        let pasted = augmentation::PastedFrom {
+            generator_id: 0,
+            prompt_id: 0,
+            clip_score: 0.7,
+            sam_iou: 0.9,
+        };
+        let layers = [layer(5, Some(pasted)), layer(2, None)];
+        // 5 is pasted here; 9 is listed as present-but-not-exhaustive, so it is not absent.
+        assert_eq!(negative_categories(&entry, &layers), vec![3, 7]);
+    }
 }

@@ -124,9 +124,7 @@ impl RealDataset {
 impl RealImage {
     /// Decodes the image and checks it has the size the JSON says.
     pub fn open(&self) -> Result<RgbImage, String> {
-        let img = image::open(&self.path)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?
-            .into_rgb8();
+        let img = crate::images::open(&self.path)?.into_rgb8();
         if (img.width(), img.height()) != (self.entry.width, self.entry.height) {
             return Err(format!(
                 "{}: image is {}x{}, the annotations say {}x{}",

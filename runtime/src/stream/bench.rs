@@ -38,6 +38,7 @@ pub struct StreamBenchArgs {
     /// Mean instances per image.
     #[arg(long, default_value_t = 10)]
     pub instances: u32,
+    /// The device id the samples carry; the host keys its dedup on (device, run, seq).
     #[arg(long, default_value = "bench-device")]
     pub device_id: String,
     /// Run id (default: one made from the current time, so repeated runs do not collide).
