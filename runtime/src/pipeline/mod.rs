@@ -164,6 +164,8 @@ pub struct RunManifest {
 pub const MANIFEST: &str = "run.json";
 pub const INSTANCES: &str = "instances.json";
 pub const PROMPTS: &str = "prompts.json";
+/// Folder of per-instance results (`<name>.json`), so a killed run resumes where it stopped.
+pub const RESUME: &str = "resume";
 
 /// A model slot: loaded on first use, kept or dropped after each stage as the plan says.
 struct Slot<T> {
@@ -212,6 +214,92 @@ pub fn run_id(config: &RunConfig) -> Result<String, String> {
     shaping.filter.cache = None;
     let json = serde_json::to_vec(&shaping).map_err(|e| e.to_string())?;
     Ok(format!("run-{}", &filtering::hex(&Sha256::digest(&json))[..16]))
+}
+
+fn job_name(job: &Job) -> String {
+    format!("{:05}-{:05}", job.category, job.index)
+}
+
+/// What determines an instance: a saved result is reused only if all of it matches (the run id
+/// is a hash of the whole config, so any changed setting regenerates).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct JobKey {
+    run_id: String,
+    category_id: u32,
+    generator: String,
+    prompt: String,
+    seed: u64,
+}
+
+/// An instance through stages 1–3: its record, its CLIP embedding (when it got that far) and,
+/// when kept, its RGBA crop for stage 4.
+struct Finished {
+    record: InstanceRecord,
+    embedding: Option<Vec<f32>>,
+    crop: Option<Arc<image::RgbaImage>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedInstance {
+    key: JobKey,
+    record: InstanceRecord,
+    embedding: Option<Vec<f32>>,
+}
+
+impl Finished {
+    /// Written after the crop PNG, through a renamed temporary file: a saved result always
+    /// names a complete crop.
+    fn save(&self, path: &Path, key: JobKey) -> Result<(), String> {
+        let saved = SavedInstance {
+            key,
+            record: self.record.clone(),
+            embedding: self.embedding.clone(),
+        };
+        write_json(path, &saved)
+    }
+
+    /// A result an earlier run saved for `job`, if it is whole and was made by the same config;
+    /// anything else is regenerated (with a warning when a file was there but unusable).
+    fn load(out: &Path, path: &Path, expected: &JobKey, job: &Job) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        let unusable = |why: &str| {
+            log::warn!("{}: {why}; the instance is generated again", path.display());
+            None
+        };
+        let Ok(saved) = serde_json::from_slice::<SavedInstance>(&bytes) else {
+            return unusable("not a saved instance");
+        };
+        if saved.key != *expected {
+            return unusable("made by another config or job");
+        }
+        let r = &saved.record;
+        if r.name != job_name(job) || r.category_id != job.category || r.prompt_id != job.prompt_id {
+            return unusable("its record names another job");
+        }
+        // Everything that reached CLIP has a crop (pool or rejected) and an embedding.
+        if saved.embedding.is_some() != r.crop.is_some() {
+            return unusable("its record and embedding disagree");
+        }
+        let crop = match (&r.crop, r.kept) {
+            (Some(rel), kept) => {
+                let Ok(image) = crate::images::open(&out.join(rel)) else {
+                    return unusable("its crop is missing or unreadable");
+                };
+                let image = image.into_rgba8();
+                if r.bbox.is_none_or(|[_, _, w, h]| image.dimensions() != (w, h)) {
+                    return unusable("its crop has another size than its record");
+                }
+                kept.then(|| Arc::new(image))
+            }
+            (None, true) => return unusable("kept without a crop"),
+            (None, false) => None,
+        };
+        Some(Finished {
+            record: saved.record,
+            embedding: saved.embedding,
+            crop,
+        })
+    }
 }
 
 struct Job {
@@ -442,12 +530,35 @@ pub fn run(
     // Stages 1–3, batch by batch.
     let pool_dir = out.join("pool");
     let rejected_dir = out.join("rejected");
-    let mut records: Vec<InstanceRecord> = Vec::with_capacity(jobs.len());
-    let mut embeddings: Vec<Option<Vec<f32>>> = Vec::with_capacity(jobs.len());
-    let mut pool_instances: Vec<PoolInstance> = Vec::new();
+    let resume_dir = out.join(RESUME);
+    std::fs::create_dir_all(&resume_dir).map_err(|e| format!("{}: {e}", resume_dir.display()))?;
+    // Per job, what stages 1–3 made of it: read back from an interrupted run, or done now.
+    let mut finished: Vec<Option<Finished>> = jobs
+        .iter()
+        .map(|job| {
+            let name = job_name(job);
+            let expected = JobKey {
+                run_id: run_id.clone(),
+                category_id: job.category,
+                generator: mix.generators[job.generator].id.clone(),
+                prompt: prompt_table[job.prompt_id as usize].1.clone(),
+                seed: job.seed,
+            };
+            Finished::load(out, &resume_dir.join(format!("{name}.json")), &expected, job)
+        })
+        .collect();
+    let resumed = finished.iter().filter(|f| f.is_some()).count();
+    if resumed > 0 {
+        log::info!(
+            "resuming: {resumed} of {} instances were finished by an earlier run of this config",
+            jobs.len()
+        );
+    }
+    let pending: Vec<usize> = (0..jobs.len()).filter(|&j| finished[j].is_none()).collect();
     // Counts instances through all three stages; the message follows the denoising steps.
     let progress = crate::progress::Progress::new("instances", jobs.len() as u64);
-    for batch in (0..jobs.len()).collect::<Vec<_>>().chunks(generation.batch) {
+    progress.set_position(resumed as u64);
+    for batch in pending.chunks(generation.batch) {
         // Stage 1: each generator's share of the batch.
         let start = Instant::now();
         let mut images: Vec<(usize, RgbImage)> = Vec::with_capacity(batch.len());
@@ -471,7 +582,7 @@ pub fn run(
                     &requests,
                     Some(&mut |done, total| {
                         progress.set_message(format!("generating {} with {id}: step {done}/{total}", mine.len()));
-                        progress.set_position(records.len() as u64);
+                        progress.set_position(finished.iter().filter(|f| f.is_some()).count() as u64);
                     }),
                 )
                 .map_err(|e| format!("generator {id:?}: {e}"))?;
@@ -540,7 +651,7 @@ pub fn run(
 
         for a in annotated {
             let job = &jobs[a.job];
-            let name = format!("{:05}-{:05}", job.category, job.index);
+            let name = job_name(job);
             let generator = mix.generators[job.generator].id.clone();
             let mut record = InstanceRecord {
                 name: name.clone(),
@@ -558,11 +669,23 @@ pub fn run(
                 bbox: None,
                 area_fraction: None,
             };
+            let key = JobKey {
+                run_id: run_id.clone(),
+                category_id: job.category,
+                generator: record.generator.clone(),
+                prompt: record.prompt.clone(),
+                seed: job.seed,
+            };
             let instance = match a.result {
                 Err(reason) => {
                     record.drop_reason = Some(reason);
-                    records.push(record);
-                    embeddings.push(None);
+                    let done = Finished {
+                        record,
+                        embedding: None,
+                        crop: None,
+                    };
+                    done.save(&resume_dir.join(format!("{name}.json")), key)?;
+                    finished[a.job] = Some(done);
                     progress.inc(1);
                     continue;
                 }
@@ -603,20 +726,34 @@ pub fn run(
             let path = out.join(&rel);
             divergen_host::store::write_atomically(&path, &png).map_err(|e| format!("{}: {e}", path.display()))?;
             record.crop = Some(rel);
-            if kept {
-                pool_instances.push(PoolInstance {
-                    category_id: job.category,
-                    crop: Arc::new(instance.crop),
-                    generator_id: job.generator as u16,
-                    prompt_id: job.prompt_id,
-                    clip_score: score.unwrap_or(f32::NAN),
-                    sam_iou: a.sam_iou,
-                });
-            }
-            records.push(record);
-            embeddings.push(Some(e));
+            let done = Finished {
+                record,
+                embedding: Some(e),
+                crop: kept.then(|| Arc::new(instance.crop)),
+            };
+            done.save(&resume_dir.join(format!("{name}.json")), key)?;
+            finished[a.job] = Some(done);
             progress.inc(1);
         }
+    }
+    // In job order, as an uninterrupted run has them: the pool's balanced draw depends on it.
+    let mut records: Vec<InstanceRecord> = Vec::with_capacity(jobs.len());
+    let mut embeddings: Vec<Option<Vec<f32>>> = Vec::with_capacity(jobs.len());
+    let mut pool_instances: Vec<PoolInstance> = Vec::new();
+    for (job, done) in jobs.iter().zip(finished) {
+        let done = done.ok_or("an instance was neither resumed nor generated")?;
+        if let Some(crop) = done.crop {
+            pool_instances.push(PoolInstance {
+                category_id: job.category,
+                crop,
+                generator_id: job.generator as u16,
+                prompt_id: job.prompt_id,
+                clip_score: done.record.clip_score.unwrap_or(f32::NAN),
+                sam_iou: done.record.sam_iou,
+            });
+        }
+        records.push(done.record);
+        embeddings.push(done.embedding);
     }
     progress.finish();
     for sd in &mut diffusion {
