@@ -309,27 +309,25 @@ pub(crate) fn register(device: Device, cube: CubeDevice, plan: KernelPlan) {
         .push((device, cube, plan));
 }
 
-/// The plan of a device opened by [`crate::device::open`]; `None` for burn's own devices and the
-/// CPU backend.
-pub fn plan_of(device: &Device) -> Option<KernelPlan> {
+fn find_plan(matches: impl Fn(&Device, &CubeDevice) -> bool) -> Option<KernelPlan> {
     PLANS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .find(|(d, _, _)| d == device)
+        .find(|(d, c, _)| matches(d, c))
         .map(|(_, _, p)| *p)
+}
+
+/// The plan of a device opened by [`crate::device::open`]; `None` for burn's own devices and the
+/// CPU backend.
+pub fn plan_of(device: &Device) -> Option<KernelPlan> {
+    find_plan(|d, _| d == device)
 }
 
 /// The plan a launch on `t`'s device follows. A device burn opened itself was never inspected:
 /// it gets the register family, which runs on every adapter within WebGPU's default limits.
 pub(crate) fn plan_for(t: &CubeTensor) -> KernelPlan {
-    PLANS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .find(|(_, c, _)| *c == t.device)
-        .map(|(_, _, p)| *p)
-        .unwrap_or(KernelPlan::CPU)
+    find_plan(|_, c| *c == t.device).unwrap_or(KernelPlan::CPU)
 }
 
 #[cfg(test)]

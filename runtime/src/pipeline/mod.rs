@@ -532,20 +532,18 @@ pub fn run(
     let rejected_dir = out.join("rejected");
     let resume_dir = out.join(RESUME);
     std::fs::create_dir_all(&resume_dir).map_err(|e| format!("{}: {e}", resume_dir.display()))?;
+    let key_of = |job: &Job| JobKey {
+        run_id: run_id.clone(),
+        category_id: job.category,
+        generator: mix.generators[job.generator].id.clone(),
+        prompt: prompt_table[job.prompt_id as usize].1.clone(),
+        seed: job.seed,
+    };
+    let saved_at = |job: &Job| resume_dir.join(format!("{}.json", job_name(job)));
     // Per job, what stages 1–3 made of it: read back from an interrupted run, or done now.
     let mut finished: Vec<Option<Finished>> = jobs
         .iter()
-        .map(|job| {
-            let name = job_name(job);
-            let expected = JobKey {
-                run_id: run_id.clone(),
-                category_id: job.category,
-                generator: mix.generators[job.generator].id.clone(),
-                prompt: prompt_table[job.prompt_id as usize].1.clone(),
-                seed: job.seed,
-            };
-            Finished::load(out, &resume_dir.join(format!("{name}.json")), &expected, job)
-        })
+        .map(|job| Finished::load(out, &saved_at(job), &key_of(job), job))
         .collect();
     let resumed = finished.iter().filter(|f| f.is_some()).count();
     if resumed > 0 {
@@ -669,13 +667,6 @@ pub fn run(
                 bbox: None,
                 area_fraction: None,
             };
-            let key = JobKey {
-                run_id: run_id.clone(),
-                category_id: job.category,
-                generator: record.generator.clone(),
-                prompt: record.prompt.clone(),
-                seed: job.seed,
-            };
             let instance = match a.result {
                 Err(reason) => {
                     record.drop_reason = Some(reason);
@@ -684,7 +675,7 @@ pub fn run(
                         embedding: None,
                         crop: None,
                     };
-                    done.save(&resume_dir.join(format!("{name}.json")), key)?;
+                    done.save(&saved_at(job), key_of(job))?;
                     finished[a.job] = Some(done);
                     progress.inc(1);
                     continue;
@@ -731,7 +722,7 @@ pub fn run(
                 embedding: Some(e),
                 crop: kept.then(|| Arc::new(instance.crop)),
             };
-            done.save(&resume_dir.join(format!("{name}.json")), key)?;
+            done.save(&saved_at(job), key_of(job))?;
             finished[a.job] = Some(done);
             progress.inc(1);
         }
