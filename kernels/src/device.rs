@@ -23,6 +23,25 @@ pub const ENV_BACKEND: &str = "DIVERGEN_BACKEND";
 pub const ENV_LIMITS: &str = "DIVERGEN_LIMITS";
 /// When set to `1`, a missing adapter is an error instead of a fall-back to the CPU backend.
 pub const ENV_REQUIRE_GPU: &str = "DIVERGEN_REQUIRE_GPU";
+/// Environment variable lowering the storage-binding limit the device is created with (bytes),
+/// to see what a device with smaller bindings than this one would do.
+pub const ENV_MAX_BINDING_BYTES: &str = "DIVERGEN_MAX_BINDING_BYTES";
+
+/// The largest tensor each opened device holds: burn keeps every tensor in one buffer and binds
+/// it whole, so no tensor may exceed the storage-binding limit (nor the buffer limit).
+static TENSOR_LIMITS: Mutex<Vec<(Device, u64)>> = Mutex::new(Vec::new());
+
+/// The most bytes one tensor may take on `device`; `None` on the CPU backend (no limit) and for
+/// devices not opened by [`open`]. Models split their work (tiled decoding, chunked
+/// feed-forward) to stay under it, and refuse up front what cannot be split.
+pub fn max_tensor_bytes(device: &Device) -> Option<u64> {
+    TENSOR_LIMITS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(d, _)| d == device)
+        .map(|(_, bytes)| *bytes)
+}
 
 /// Names of adapters opened here that are CPU rasterizers (device type `Cpu`).
 static CPU_ADAPTERS: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -83,6 +102,8 @@ pub struct DeviceRequest {
     pub require_gpu: bool,
     /// Which family of kernel variants to run (`DIVERGEN_KERNELS`); see [`crate::variants`].
     pub kernels: KernelFamily,
+    /// A storage-binding limit below the adapter's (`DIVERGEN_MAX_BINDING_BYTES`).
+    pub max_binding_bytes: Option<u64>,
 }
 
 impl DeviceRequest {
@@ -102,7 +123,21 @@ impl DeviceRequest {
                 .map(|v| v.parse())
                 .transpose()?
                 .unwrap_or(KernelFamily::Auto),
+            max_binding_bytes: var(ENV_MAX_BINDING_BYTES)
+                .map(|v| parse_binding_bytes(&v))
+                .transpose()?,
         })
+    }
+}
+
+/// A storage-binding limit as the user writes it: a positive number of bytes, at least 64 KiB
+/// (below that not even the small models' weights fit one binding).
+pub fn parse_binding_bytes(text: &str) -> Result<u64, DeviceError> {
+    match text.trim().parse::<u64>() {
+        Ok(bytes) if bytes >= 64 * 1024 => Ok(bytes),
+        _ => Err(DeviceError::BadSetting(format!(
+            "{ENV_MAX_BINDING_BYTES}='{text}': a storage-binding limit in bytes of at least 65536 is expected"
+        ))),
     }
 }
 
@@ -350,10 +385,13 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
         Err(e) => return Err(e),
     };
     let report = AdapterReport::new(index, &adapter);
-    let required_limits = match request.limits {
+    let mut required_limits = match request.limits {
         LimitsProfile::Adapter => adapter.limits(),
         LimitsProfile::Mobile => wgpu::Limits::defaults(),
     };
+    if let Some(bytes) = request.max_binding_bytes {
+        required_limits.max_storage_buffer_binding_size = required_limits.max_storage_buffer_binding_size.min(bytes);
+    }
     let required_features = features_to_request(adapter.features());
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("divergen"),
@@ -408,6 +446,10 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
         plan,
     );
     let device = Device::from(wgpu_device);
+    TENSOR_LIMITS.lock().unwrap_or_else(|e| e.into_inner()).push((
+        device.clone(),
+        limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+    ));
     log::info!(
         "compute device: {} ({}, {}, limits: {}, kernels: {})",
         report.name,

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, ModelError};
 use crate::clip::{Clip, ClipConfig};
 use crate::diffusion::taesd::{AutoencoderTinyConfig, TinyDecoder};
+use crate::diffusion::tiling::{Tiling, decode_tiled};
 use crate::diffusion::unet::{PerBlock, UNet, UNetConfig};
 use crate::diffusion::vae::{AutoencoderKlConfig, VaeDecoder};
 use crate::layers::Quantization;
@@ -179,14 +180,41 @@ pub fn run(
                     }
                     for &side in &options.sd_sizes {
                         let latents = bench_tensor::<4>([1, 4, side / 8, side / 8], device);
-                        let timing = if model == BenchModel::SdVae {
-                            let vae = VaeDecoder::from_checkpoint(sd_vae_config(), &ckpt, device)?;
-                            time(device, options.runs, || vae.decode(latents.clone()))?
+                        let (vae, taesd) = if model == BenchModel::SdVae {
+                            (Some(VaeDecoder::from_checkpoint(sd_vae_config(), &ckpt, device)?), None)
                         } else {
-                            let taesd = TinyDecoder::from_checkpoint(AutoencoderTinyConfig::default(), &ckpt, device)?;
-                            time(device, options.runs, || taesd.decode(latents.clone()))?
+                            let config = AutoencoderTinyConfig::default();
+                            (None, Some(TinyDecoder::from_checkpoint(config, &ckpt, device)?))
                         };
-                        record(format!("decode to {side}²"), timing, 1, 0);
+                        let decode = |z: Tensor<4>| match (&vae, &taesd) {
+                            (Some(v), _) => v.decode(z),
+                            (_, Some(t)) => t.decode(z),
+                            _ => unreachable!("one decoder is built above"),
+                        };
+                        let largest = |cells: usize| match (&vae, &taesd) {
+                            (Some(v), _) => v.config.largest_tensor_bytes(1, cells, cells),
+                            (_, Some(t)) => t.config.largest_tensor_bytes(1, cells, cells),
+                            _ => unreachable!("one decoder is built above"),
+                        };
+                        // What the pipeline does: whole where every tensor fits one binding,
+                        // else in the largest tiles that fit (a whole decode past the limit
+                        // would time dispatches the driver refuses).
+                        let limit = divergen_kernels::device::max_tensor_bytes(device);
+                        let tiling = limit
+                            .filter(|&m| largest(side / 8) > m)
+                            .map(|m| Tiling::largest_fitting(8, side / 8, |cells| largest(cells) <= m));
+                        let (stage, timing) = match tiling {
+                            None => (
+                                format!("decode to {side}²"),
+                                time(device, options.runs, || decode(latents.clone()))?,
+                            ),
+                            Some(None) => continue,
+                            Some(Some(tiling)) => (
+                                format!("decode to {side}² in tiles of {} cells", tiling.latent_tile),
+                                time(device, options.runs, || decode_tiled(latents.clone(), tiling, decode))?,
+                            ),
+                        };
+                        record(stage, timing, 1, 0);
                     }
                 }
                 BenchModel::SamVitB | BenchModel::MobileSam => {

@@ -187,6 +187,32 @@ impl Checkpoint {
             .sum()
     }
 
+    /// `self` if every tensor the device will hold fits one of its bindings (burn binds each
+    /// tensor whole); else an error naming the first that does not, rather than a model that
+    /// silently computes nothing. Quantized layers only get smaller, so f32 is the bound.
+    pub fn fitting(self, device: &Device) -> Result<Self, ModelError> {
+        let Some(limit) = divergen_kernels::device::max_tensor_bytes(device) else {
+            return Ok(self);
+        };
+        let too_large = self
+            .keys()
+            .into_iter()
+            .filter(|(k, _)| !HOST_RESIDENT.iter().any(|h| k.ends_with(h)))
+            .map(|(k, shape)| (k, shape.iter().product::<usize>() as u64 * 4))
+            .find(|(_, bytes)| *bytes > limit);
+        match too_large {
+            None => Ok(self),
+            Some((key, bytes)) => Err(ModelError::at(
+                &self.path,
+                format!(
+                    "tensor {key} takes {} MiB as f32, more than the {} MiB this device holds per tensor",
+                    bytes.div_ceil(1 << 20),
+                    limit.div_ceil(1 << 20)
+                ),
+            )),
+        }
+    }
+
     fn missing(&self, key: &str, shape: &[usize]) -> ModelError {
         ModelError::at(&self.path, format!("missing tensor {key} (expected shape {shape:?})"))
     }

@@ -400,7 +400,13 @@ impl ClipTextModel {
                 "no model.safetensors (transformers CLIPTextModel layout expected)",
             ));
         }
-        Self::from_checkpoint(&config, None, &Checkpoint::open(&weights)?, quant, device)
+        Self::from_checkpoint(
+            &config,
+            None,
+            &Checkpoint::open(&weights)?.fitting(device)?,
+            quant,
+            device,
+        )
     }
 
     /// The per-token states Stable Diffusion conditions on: the output of all layers but the
@@ -540,7 +546,7 @@ impl Clip {
                 "no model.safetensors (Hugging Face CLIPModel layout expected)",
             ));
         }
-        let ckpt = Checkpoint::open(&weights)?;
+        let ckpt = Checkpoint::open(&weights)?.fitting(device)?;
         Self::from_checkpoint(config, &ckpt, quant, device)
     }
 

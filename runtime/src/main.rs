@@ -54,6 +54,10 @@ struct DeviceArgs {
     /// where the device offers it). `DIVERGEN_VARIANT_<KERNEL>` overrides one kernel.
     #[arg(long, global = true, env = "DIVERGEN_KERNELS", default_value = "auto")]
     kernels: String,
+    /// Create the device with a storage-binding limit below the adapter's (bytes): to see what a
+    /// device with smaller bindings would split or refuse.
+    #[arg(long, global = true, env = "DIVERGEN_MAX_BINDING_BYTES")]
+    max_binding_bytes: Option<String>,
 }
 
 impl DeviceArgs {
@@ -64,6 +68,13 @@ impl DeviceArgs {
             limits: self.limits.parse::<LimitsProfile>().map_err(|e| e.to_string())?,
             require_gpu: self.require_gpu,
             kernels: self.kernels.parse::<KernelFamily>().map_err(|e| e.to_string())?,
+            max_binding_bytes: self
+                .max_binding_bytes
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+                .map(divergen_kernels::device::parse_binding_bytes)
+                .transpose()
+                .map_err(|e| e.to_string())?,
         })
     }
 }

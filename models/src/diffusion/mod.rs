@@ -5,6 +5,7 @@ pub mod mix;
 pub mod pipeline;
 pub mod scheduler;
 pub mod taesd;
+pub mod tiling;
 pub mod unet;
 pub mod vae;
 

@@ -13,9 +13,10 @@ use image::RgbImage;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::scheduler::{Scheduler, SchedulerKind};
-use super::taesd::TinyDecoder;
-use super::unet::UNet;
-use super::vae::VaeDecoder;
+use super::taesd::{AutoencoderTinyConfig, TinyDecoder};
+use super::tiling::{HostImage, Tiling, decode_tiled};
+use super::unet::{UNet, UNetConfig};
+use super::vae::{AutoencoderKlConfig, VaeDecoder};
 use crate::checkpoint::{Checkpoint, ModelError};
 use crate::clip::ClipTextModel;
 use crate::clip_tokenizer::ClipTokenizer;
@@ -151,6 +152,87 @@ impl Decoder {
             Decoder::Tiny(d) => d.decode(latents),
         }
     }
+
+    fn limits(&self) -> DecoderLimits {
+        match self {
+            Decoder::Vae(d) => DecoderLimits::Vae(d.config.clone()),
+            Decoder::Tiny(d) => DecoderLimits::Tiny(d.config.clone()),
+        }
+    }
+
+    /// Latents `[1, C, h, w]` → 8-bit RGB: decoded whole where the device holds that, in tiles
+    /// where it does not.
+    fn decode_rgb8(&self, latents: Tensor<4>, factor: usize, device: &Device) -> Result<RgbImage, ModelError> {
+        let [b, _, h, w] = latents.dims();
+        match self.limits().tiling(b, h, w, factor, device)? {
+            None => to_rgb8(self.decode(latents)),
+            Some(tiling) => {
+                log::info!(
+                    "decoding {}x{} in tiles of {} latent cells: the whole decode would hold a larger tensor than this device binds",
+                    w * factor,
+                    h * factor,
+                    tiling.latent_tile
+                );
+                host_to_rgb8(&decode_tiled(latents, tiling, |t| self.decode(t))?)
+            }
+        }
+    }
+}
+
+/// What bounds a decoder's work on a device, known from its config alone.
+enum DecoderLimits {
+    Vae(AutoencoderKlConfig),
+    Tiny(AutoencoderTinyConfig),
+}
+
+impl DecoderLimits {
+    fn of(dir: &Path, taesd: Option<&Path>) -> Result<Self, ModelError> {
+        Ok(match taesd {
+            Some(tiny) => DecoderLimits::Tiny(AutoencoderTinyConfig::from_file(&tiny.join("config.json"))?),
+            None => DecoderLimits::Vae(AutoencoderKlConfig::from_file(&dir.join("vae").join("config.json"))?),
+        })
+    }
+
+    fn largest_tensor_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
+        match self {
+            DecoderLimits::Vae(c) => c.largest_tensor_bytes(batch, h, w),
+            DecoderLimits::Tiny(c) => c.largest_tensor_bytes(batch, h, w),
+        }
+    }
+
+    /// `None` when latents of `h × w` decode whole on `device`: every tensor within its binding
+    /// limit and every convolution within one dispatch; else the largest tiling that fits.
+    fn tiling(
+        &self,
+        batch: usize,
+        h: usize,
+        w: usize,
+        factor: usize,
+        device: &Device,
+    ) -> Result<Option<Tiling>, ModelError> {
+        let max_bytes = divergen_kernels::device::max_tensor_bytes(device);
+        let max_pixels = divergen_kernels::conv::max_output_pixels(device);
+        let fits = |lh: usize, lw: usize| {
+            max_bytes.is_none_or(|m| self.largest_tensor_bytes(batch, lh, lw) <= m)
+                && max_pixels.is_none_or(|m| lh * lw * factor * factor <= m)
+        };
+        if fits(h, w) {
+            return Ok(None);
+        }
+        Tiling::largest_fitting(factor, h.max(w), |side| fits(side, side))
+            .map(Some)
+            .ok_or_else(|| {
+                ModelError(format!(
+                    "the decoder cannot run on this device even in tiles of 8 latent cells: one tile holds {} MiB, more than the {} MiB it holds per tensor",
+                    mib(self.largest_tensor_bytes(batch, 8, 8)),
+                    max_bytes.map_or(0, mib)
+                ))
+            })
+    }
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
 }
 
 /// A Stable Diffusion folder with fixed settings, generating batches: the text encoder runs
@@ -215,16 +297,7 @@ impl StableDiffusion {
                 "size {w}x{h} must be positive multiples of {factor} (the VAE's scale factor)"
             )));
         }
-        if let Some(max) = divergen_kernels::conv::max_output_pixels(device)
-            && w * h > max
-        {
-            return Err(ModelError(format!(
-                "size {w}x{h}: the decoder's full-resolution convolutions would need more than one \
-                 dispatch's 65,535 workgroups; this device takes at most {max} pixels per image \
-                 (e.g. {side}x{side})",
-                side = (max as f64).sqrt().floor() as usize / factor * factor
-            )));
-        }
+        check_fits(dir, settings, factor, device)?;
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(|e| ModelError(e.to_string()))?;
         Ok(StableDiffusion {
             dir: dir.to_path_buf(),
@@ -333,7 +406,12 @@ impl StableDiffusion {
             self.unet = Some(UNet::load(&self.dir.join("unet"), opts.quant, &device)?);
         }
         let unet = self.unet.as_ref().expect("loaded above");
-        let per_pass = (4 * 64 * 64 / n).max(1);
+        let per_pass = (4 * 64 * 64 / n).max(1).min(unet_batch_limit(
+            &unet.config,
+            cfg,
+            &shape,
+            divergen_kernels::device::max_tensor_bytes(&device),
+        ));
         let mut contexts = contexts.into_iter();
         let mut passes = (0, 0);
         for chunk in requests.chunks(per_pass) {
@@ -433,7 +511,7 @@ impl StableDiffusion {
         let decoder = self.decoder.as_ref().expect("loaded above");
         let mut images = Vec::with_capacity(all_latents.len());
         for latents in all_latents {
-            images.push(to_rgb8(decoder.decode(latents))?);
+            images.push(decoder.decode_rgb8(latents, self.latent_factor, &device)?);
         }
         if !self.residency.decoder {
             self.decoder = None;
@@ -449,6 +527,58 @@ impl StableDiffusion {
             peak_mib,
         })
     }
+}
+
+/// The most images one UNet pass takes without a tensor past the device's limit.
+fn unet_batch_limit(config: &UNetConfig, cfg: bool, latent: &[usize; 4], max_bytes: Option<u64>) -> usize {
+    let per_image = config.largest_tensor_bytes(if cfg { 2 } else { 1 }, latent[2], latent[3]);
+    max_bytes.map_or(usize::MAX, |m| ((m / per_image.max(1)) as usize).max(1))
+}
+
+/// Refuses up front a size this device cannot generate: the UNet's largest activation must fit
+/// one binding (its feed-forward is chunked, the rest is not split) and its convolutions one
+/// dispatch, and the decoder must fit at least in tiles. Names the limit and the largest square
+/// size that works.
+fn check_fits(dir: &Path, settings: &GenerateOptions, factor: usize, device: &Device) -> Result<(), ModelError> {
+    let max_bytes = divergen_kernels::device::max_tensor_bytes(device);
+    let max_pixels = divergen_kernels::conv::max_output_pixels(device);
+    if max_bytes.is_none() && max_pixels.is_none() {
+        return Ok(());
+    }
+    let unet = UNetConfig::from_file(&dir.join("unet").join("config.json"))?;
+    let batch = if settings.guidance > 1.0 { 2 } else { 1 };
+    let need = |w: usize, h: usize| unet.largest_tensor_bytes(batch, h / factor, w / factor);
+    let fits = |w: usize, h: usize| {
+        max_bytes.is_none_or(|m| need(w, h) <= m) && max_pixels.is_none_or(|m| (w / factor) * (h / factor) <= m)
+    };
+    let (w, h) = (settings.width, settings.height);
+    if !fits(w, h) {
+        let unit = factor << (unet.block_out_channels.len() - 1);
+        let side = (1..=w.max(h) / unit).rev().map(|k| k * unit).find(|&s| fits(s, s));
+        let largest = side.map_or("no size".to_string(), |s| format!("at most {s}x{s}"));
+        let why = match max_bytes {
+            Some(m) if need(w, h) > m => format!(
+                "the UNet's largest activation would take {} MiB, more than the {} MiB this device holds per tensor",
+                mib(need(w, h)),
+                mib(m)
+            ),
+            _ => "the UNet's convolutions would need more than one dispatch's 65,535 workgroups".to_string(),
+        };
+        return Err(ModelError(format!("size {w}x{h}: {why}; {largest} here")));
+    }
+    DecoderLimits::of(dir, settings.taesd.as_deref())?.tiling(1, h / factor, w / factor, factor, device)?;
+    Ok(())
+}
+
+/// A host image in [-1, 1] → 8-bit RGB, with the same arithmetic as [`to_rgb8`].
+fn host_to_rgb8(image: &HostImage) -> Result<RgbImage, ModelError> {
+    let [_, _, h, w] = image.shape;
+    let plane = h * w;
+    let rgb: Vec<u8> = (0..plane)
+        .flat_map(|i| (0..3).map(move |c| (i, c)))
+        .map(|(i, c)| ((image.data[c * plane + i] / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| ModelError("image size mismatch".into()))
 }
 
 fn to_rgb8(image: Tensor<4>) -> Result<RgbImage, ModelError> {

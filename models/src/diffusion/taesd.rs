@@ -43,6 +43,29 @@ impl Default for AutoencoderTinyConfig {
     }
 }
 
+impl AutoencoderTinyConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::at(path, e))?;
+        serde_json::from_str(&text).map_err(|e| ModelError::at(path, e))
+    }
+
+    /// The largest tensor one decode of `[batch, C, h, w]` latents holds, in bytes (f32): each
+    /// stage's width at its resolution, upsampled once more after every stage but the last.
+    pub fn largest_tensor_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
+        let c = self;
+        let stages = c.decoder_block_out_channels.len();
+        let mut cells = (h * w) as u64;
+        let mut largest = 0u64;
+        for (i, &ch) in c.decoder_block_out_channels.iter().enumerate() {
+            if i + 1 < stages {
+                cells *= 4;
+            }
+            largest = largest.max(ch as u64 * cells);
+        }
+        4 * batch as u64 * largest.max(c.out_channels as u64 * cells)
+    }
+}
+
 // Two dozen layers built once: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
 enum Layer {
@@ -64,10 +87,9 @@ impl TinyDecoder {
     /// `model.safetensors`).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::at(&path, e))?;
-        let config: AutoencoderTinyConfig = serde_json::from_str(&text).map_err(|e| ModelError::at(&path, e))?;
+        let config = AutoencoderTinyConfig::from_file(&path)?;
         let weights = super::component_weights(dir)?;
-        Self::from_checkpoint(config, &Checkpoint::open(&weights)?, device).map_err(|e| {
+        Self::from_checkpoint(config, &Checkpoint::open(&weights)?.fitting(device)?, device).map_err(|e| {
             if e.0.contains(&weights.display().to_string()) {
                 e
             } else {

@@ -169,6 +169,37 @@ impl UNetConfig {
         Ok(())
     }
 
+    /// The largest tensor one evaluation on `[batch, C, h, w]` latents holds, in bytes (f32),
+    /// with the feed-forward chunked as [`SpatialTransformer`] does: the widest activation at
+    /// each level, which in the up path is a ResNet's input (the previous output beside its skip).
+    pub fn largest_tensor_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let cells = |level: usize| ((h >> level) * (w >> level)) as u64;
+        let mut largest = self.in_channels.max(ch[0]) as u64 * cells(0);
+        let mut output = ch[0];
+        for (i, &out) in ch.iter().enumerate() {
+            largest = largest.max(output.max(out) as u64 * cells(i));
+            output = out;
+        }
+        let reversed: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut prev_output = reversed[0];
+        for (i, &out) in reversed.iter().enumerate() {
+            let level = n - 1 - i;
+            let input = reversed[(i + 1).min(n - 1)];
+            for j in 0..=self.layers_per_block {
+                let skip = if j == self.layers_per_block { input } else { out };
+                let resnet_in = if j == 0 { prev_output } else { out };
+                largest = largest.max((resnet_in + skip) as u64 * cells(level));
+            }
+            if level > 0 {
+                largest = largest.max(out as u64 * cells(level - 1));
+            }
+            prev_output = out;
+        }
+        4 * batch as u64 * largest
+    }
+
     /// Heads of block `i`: diffusers' historical naming makes `attention_head_dim` the head
     /// count when `num_attention_heads` is absent.
     fn heads(&self, i: usize) -> usize {
@@ -330,6 +361,17 @@ impl Attention {
     }
 }
 
+/// Rows of tokens per feed-forward pass: all of them unless the GEGLU projection (`8·dim` per
+/// token) would exceed the largest tensor the device holds, as diffusers' forward chunking.
+/// Each token's feed-forward is independent, so chunking changes nothing in the result.
+fn feed_forward_chunk(batch: usize, tokens: usize, dim: usize, max_tensor_bytes: Option<u64>) -> usize {
+    let per_token = (4 * batch * 8 * dim) as u64;
+    match max_tensor_bytes {
+        Some(limit) if per_token * tokens as u64 > limit => ((limit / per_token) as usize).max(1),
+        _ => tokens,
+    }
+}
+
 /// `Transformer2DModel` with one `BasicTransformerBlock`.
 struct SpatialTransformer {
     norm: GroupNorm,
@@ -393,6 +435,30 @@ impl SpatialTransformer {
         })
     }
 
+    /// GEGLU: the first half of the projection gated by GELU of the second, over `x [B, S, D]`.
+    fn feed_forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, d] = x.dims();
+        let rows = feed_forward_chunk(b, s, d, divergen_kernels::device::max_tensor_bytes(&x.device()));
+        let hidden = 4 * d;
+        let chunk = |x: Tensor<3>| {
+            let n = x.dims()[1];
+            let g = self.ff_in.forward(x);
+            let (value, gate) = (
+                g.clone().slice([0..b, 0..n, 0..hidden]),
+                g.slice([0..b, 0..n, hidden..2 * hidden]),
+            );
+            self.ff_out.forward(value * gelu(gate, false))
+        };
+        if rows >= s {
+            return chunk(x);
+        }
+        let parts = (0..s)
+            .step_by(rows)
+            .map(|r| chunk(x.clone().slice([0..b, r..(r + rows).min(s), 0..d])))
+            .collect();
+        Tensor::cat(parts, 1)
+    }
+
     fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let tokens = self
@@ -405,14 +471,8 @@ impl SpatialTransformer {
         t = t + self.attn1.forward(n.clone(), n);
         let cross = self.attn2.forward(self.norm2.forward(t.clone()), context.clone());
         t = t + cross;
-        // GEGLU: the first half of the projection gated by GELU of the second.
-        let g = self.ff_in.forward(self.norm3.forward(t.clone()));
-        let hidden = 4 * c;
-        let (value, gate) = (
-            g.clone().slice([0..b, 0..h * w, 0..hidden]),
-            g.slice([0..b, 0..h * w, hidden..2 * hidden]),
-        );
-        t = t + self.ff_out.forward(value * gelu(gate, false));
+        let ff_input = self.norm3.forward(t.clone());
+        t = t + self.feed_forward(ff_input);
         let out = self.proj_out.forward(t).swap_dims(1, 2).reshape([b, c, h, w]);
         out + x
     }
@@ -444,7 +504,7 @@ impl UNet {
     pub fn load(dir: &Path, quant: Quantization, device: &Device) -> Result<Self, ModelError> {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
         let weights = super::component_weights(dir)?;
-        Self::from_checkpoint(config, &Checkpoint::open(&weights)?, quant, device)
+        Self::from_checkpoint(config, &Checkpoint::open(&weights)?.fitting(device)?, quant, device)
     }
 
     pub fn from_checkpoint(

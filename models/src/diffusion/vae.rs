@@ -48,6 +48,30 @@ impl Default for AutoencoderKlConfig {
 }
 
 impl AutoencoderKlConfig {
+    /// The largest tensor one decode of `[batch, C, h, w]` latents holds, in bytes (f32): the
+    /// widest activation at each resolution, the upsampled ones before their convolution, and
+    /// the mid block's attention scores when they are materialised.
+    pub fn largest_tensor_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
+        let c = self;
+        let channels: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let top = channels[0];
+        let mut cells = (h * w) as u64;
+        let mut largest = top as u64 * cells;
+        if c.mid_block_add_attention && top > divergen_kernels::attention::MAX_HEAD_DIM {
+            largest = largest.max(cells * cells);
+        }
+        let mut prev = top;
+        for (i, &out) in channels.iter().enumerate() {
+            largest = largest.max(prev.max(out) as u64 * cells);
+            if i + 1 < channels.len() {
+                cells *= 4;
+                largest = largest.max(out as u64 * cells);
+            }
+            prev = out;
+        }
+        4 * batch as u64 * largest
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::at(path, e))?;
         let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::at(path, e))?;
@@ -196,7 +220,7 @@ impl VaeDecoder {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let config = AutoencoderKlConfig::from_file(&dir.join("config.json"))?;
         let weights = super::component_weights(dir)?;
-        Self::from_checkpoint(config, &Checkpoint::open(&weights)?, device)
+        Self::from_checkpoint(config, &Checkpoint::open(&weights)?.fitting(device)?, device)
     }
 
     pub fn from_checkpoint(

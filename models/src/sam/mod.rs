@@ -210,7 +210,7 @@ pub struct Sam {
 impl Sam {
     /// Loads a SAM checkpoint (`.pth` as published, or safetensors with the same keys).
     pub fn load(path: &Path, quant: Quantization, device: &Device) -> Result<Self, ModelError> {
-        let ckpt = Checkpoint::open(path)?;
+        let ckpt = Checkpoint::open(path)?.fitting(device)?;
         let config = SamConfig::infer(&ckpt)?;
         Self::from_checkpoint(config, &ckpt, quant, device)
     }
