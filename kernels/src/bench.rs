@@ -132,10 +132,10 @@ fn case(kernel: &str, shape: String, work: Work, ours: Timing, burn: Option<Timi
     }
 }
 
-/// The variant a case's kernel runs under `plan` (`cpu reference` on the CPU backend).
+/// The variant a case's kernel runs under `plan` (`cpu engine` on the native CPU engine).
 fn variant_name(kernel: &str, plan: Option<crate::variants::KernelPlan>) -> String {
     let Some(p) = plan else {
-        return "cpu reference".into();
+        return "cpu engine".into();
     };
     let name = |v: &dyn std::fmt::Debug| format!("{v:?}").to_ascii_lowercase();
     match kernel {

@@ -1,5 +1,6 @@
 //! Choosing the compute device: a wgpu adapter on Vulkan, Metal or DX12, shared with burn, or
-//! burn's CPU backend (Flex) when no adapter exists.
+//! the native CPU engine ([`crate::engine`], on burn's Flex backend) when no adapter exists or
+//! the only ones are CPU rasterizers.
 //!
 //! The device is created here rather than by burn so that we decide its limits: `Limits::Mobile`
 //! asks only for WebGPU's defaults (128 MiB storage bindings, 256 invocations and 16 KiB shared
@@ -13,6 +14,7 @@ use burn::cubecl::Device as CubeDevice;
 use burn::tensor::Device;
 use serde::Serialize;
 
+use crate::engine::CpuEngine;
 use crate::variants::{DeviceCaps, ENV_KERNELS, KernelFamily, KernelPlan};
 
 /// Environment variable naming the adapter: its index in `divergen devices`, or part of its name.
@@ -21,7 +23,8 @@ pub const ENV_ADAPTER: &str = "DIVERGEN_ADAPTER";
 pub const ENV_BACKEND: &str = "DIVERGEN_BACKEND";
 /// Environment variable choosing the limits profile: `adapter` (default) or `mobile`.
 pub const ENV_LIMITS: &str = "DIVERGEN_LIMITS";
-/// When set to `1`, a missing adapter is an error instead of a fall-back to the CPU backend.
+/// When set to `1`, a missing adapter is an error instead of a fall-back to the CPU engine, and
+/// `auto` keeps a CPU rasterizer rather than giving way to the engine.
 pub const ENV_REQUIRE_GPU: &str = "DIVERGEN_REQUIRE_GPU";
 /// Environment variable lowering the storage-binding limit the device is created with (bytes),
 /// to see what a device with smaller bindings than this one would do.
@@ -31,8 +34,8 @@ pub const ENV_MAX_BINDING_BYTES: &str = "DIVERGEN_MAX_BINDING_BYTES";
 /// it whole, so no tensor may exceed the storage-binding limit (nor the buffer limit).
 static TENSOR_LIMITS: Mutex<Vec<(Device, u64)>> = Mutex::new(Vec::new());
 
-/// The most bytes one tensor may take on `device`; `None` on the CPU backend (no limit) and for
-/// devices not opened by [`open`]. Models split their work (tiled decoding, chunked
+/// The most bytes one tensor may take on `device` (on the CPU engine an eighth of the memory);
+/// `None` for devices not opened by [`open`]. Models split their work (tiled decoding, chunked
 /// feed-forward) to stay under it, and refuse up front what cannot be split.
 pub fn max_tensor_bytes(device: &Device) -> Option<u64> {
     TENSOR_LIMITS
@@ -104,6 +107,8 @@ pub struct DeviceRequest {
     pub kernels: KernelFamily,
     /// A storage-binding limit below the adapter's (`DIVERGEN_MAX_BINDING_BYTES`).
     pub max_binding_bytes: Option<u64>,
+    /// Threads of the CPU engine (`--threads`; else `RAYON_NUM_THREADS`, else one per core).
+    pub threads: Option<usize>,
 }
 
 impl DeviceRequest {
@@ -126,6 +131,7 @@ impl DeviceRequest {
             max_binding_bytes: var(ENV_MAX_BINDING_BYTES)
                 .map(|v| parse_binding_bytes(&v))
                 .transpose()?,
+            threads: None,
         })
     }
 }
@@ -229,13 +235,15 @@ impl AdapterReport {
 #[derive(Clone, Debug)]
 pub struct ComputeDevice {
     pub device: Device,
-    /// `None` when running on the CPU backend.
+    /// `None` when running on the CPU engine.
     pub adapter: Option<AdapterReport>,
     pub limits: LimitsProfile,
     /// Limits the logical device was actually created with (what kernels may rely on).
     pub granted: Option<GrantedLimits>,
     /// The kernel variants this device runs (`None` on the CPU backend).
     pub plan: Option<KernelPlan>,
+    /// The native CPU engine, when that is what runs.
+    pub cpu: Option<CpuEngine>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -256,7 +264,10 @@ impl ComputeDevice {
                 self.limits,
                 self.plan.map_or(KernelFamily::Auto, |p| p.family)
             ),
-            None => "CPU backend (burn Flex; kernels run their CPU references)".to_string(),
+            None => match &self.cpu {
+                Some(e) => format!("native CPU engine ({}, {} threads)", e.isa, e.threads),
+                None => "CPU backend".to_string(),
+            },
         }
     }
 }
@@ -288,11 +299,11 @@ fn backends_for(request: &DeviceRequest) -> Result<wgpu::Backends, DeviceError> 
             "vulkan" => Ok(wgpu::Backends::VULKAN),
             "metal" => Ok(wgpu::Backends::METAL),
             "dx12" => Ok(wgpu::Backends::DX12),
-            "auto" | "any" => Ok(all),
-            // burn's CPU backend, skipping any adapter (lavapipe included).
+            "auto" | "any" | "gpu" | "wgpu" => Ok(all),
+            // The CPU engine, skipping any adapter (lavapipe included).
             "cpu" => Ok(wgpu::Backends::empty()),
             other => Err(DeviceError::BadSetting(format!(
-                "backend '{other}' is not one of: vulkan, metal, dx12, cpu, auto"
+                "backend '{other}' is not one of: vulkan, metal, dx12, gpu, cpu, auto"
             ))),
         },
     }
@@ -349,6 +360,34 @@ fn pick(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<(usize, wg
         .ok_or_else(|| DeviceError::NoAdapter("no Vulkan, Metal or DX12 adapter was found".into()))
 }
 
+/// The native CPU engine as a [`ComputeDevice`], its pool started and its tensor limit known.
+fn cpu_engine(request: &DeviceRequest) -> ComputeDevice {
+    let engine = crate::engine::start(request.threads);
+    let device = Device::flex();
+    let mut limits = TENSOR_LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    if !limits.iter().any(|(d, _)| *d == device) {
+        limits.push((device.clone(), engine.max_tensor_bytes));
+    }
+    ComputeDevice {
+        device,
+        adapter: None,
+        limits: request.limits,
+        granted: None,
+        plan: None,
+        cpu: Some(engine),
+    }
+}
+
+/// Whether `auto` should leave `adapter` for the CPU engine: it is a CPU rasterizer, and the
+/// user neither named it, nor an API, nor asked for a GPU.
+fn rasterizer_gives_way(request: &DeviceRequest, adapter: &wgpu::Adapter) -> bool {
+    let auto = request
+        .backend
+        .as_deref()
+        .is_none_or(|b| matches!(b.trim().to_ascii_lowercase().as_str(), "" | "auto"));
+    auto && request.adapter.is_none() && !request.require_gpu && adapter.get_info().device_type == wgpu::DeviceType::Cpu
+}
+
 /// Opens the requested device, registering it with burn so burn ops and our kernels share it.
 ///
 /// Each call creates a new logical device; callers keep the result and clone its `device`.
@@ -360,30 +399,31 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
                 "backend 'cpu' asked for while {ENV_REQUIRE_GPU}=1 requires a GPU"
             )));
         }
-        return Ok(ComputeDevice {
-            device: Device::flex(),
-            adapter: None,
-            limits: request.limits,
-            granted: None,
-            plan: None,
-        });
+        return Ok(cpu_engine(request));
     }
     let instance = instance(backends);
     let adapters = pollster::block_on(instance.enumerate_adapters(backends));
     let (index, adapter) = match pick(adapters, request.adapter.as_deref()) {
         Ok(found) => found,
         Err(e) if !request.require_gpu && request.adapter.is_none() => {
-            log::warn!("{e}; falling back to burn's CPU backend (set {ENV_REQUIRE_GPU}=1 to make this an error)");
-            return Ok(ComputeDevice {
-                device: Device::flex(),
-                adapter: None,
-                limits: request.limits,
-                granted: None,
-                plan: None,
-            });
+            let engine = cpu_engine(request);
+            log::warn!(
+                "{e}; running the {} (set {ENV_REQUIRE_GPU}=1 to make this an error)",
+                engine.describe()
+            );
+            return Ok(engine);
         }
         Err(e) => return Err(e),
     };
+    if rasterizer_gives_way(request, &adapter) {
+        let engine = cpu_engine(request);
+        log::info!(
+            "{} is a CPU rasterizer: running the {} instead, which is faster on the same cores (--backend vulkan runs on the rasterizer)",
+            adapter.get_info().name,
+            engine.describe()
+        );
+        return Ok(engine);
+    }
     let report = AdapterReport::new(index, &adapter);
     let mut required_limits = match request.limits {
         LimitsProfile::Adapter => adapter.limits(),
@@ -464,6 +504,7 @@ pub fn open(request: &DeviceRequest) -> Result<ComputeDevice, DeviceError> {
         limits: request.limits,
         granted: Some(granted),
         plan: Some(plan),
+        cpu: None,
     })
 }
 
@@ -488,7 +529,9 @@ mod tests {
     /// a driver opens.
     #[test]
     fn the_adapter_opens_requesting_only_what_it_offers() {
-        let request = DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}"));
+        let mut request = DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}"));
+        // Any adapter, a rasterizer included (`auto` would give lavapipe way to the CPU engine).
+        request.backend.get_or_insert_with(|| "gpu".into());
         let opened = open(&request).unwrap_or_else(|e| panic!("{e}"));
         let Some(adapter) = opened.adapter else {
             assert!(!request.require_gpu, "no adapter under {ENV_REQUIRE_GPU}=1");
@@ -524,5 +567,41 @@ mod tests {
             experimental.len(),
             adapter.requested_features
         );
+    }
+
+    /// `auto` runs the best GPU adapter when there is one, and the native CPU engine when the
+    /// only adapters are CPU rasterizers (the case on CI's lavapipe) or there are none; naming
+    /// the API or asking for a GPU keeps the rasterizer.
+    #[test]
+    fn auto_gives_a_cpu_rasterizer_way_to_the_cpu_engine() {
+        let auto = DeviceRequest {
+            backend: None,
+            adapter: None,
+            require_gpu: false,
+            ..DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}"))
+        };
+        let adapters = enumerate(&auto).unwrap_or_else(|e| panic!("{e}"));
+        let opened = open(&auto).unwrap_or_else(|e| panic!("{e}"));
+        if adapters.iter().any(|a| a.device_type != "Cpu") {
+            let chosen = opened.adapter.expect("a GPU adapter is chosen");
+            assert_ne!(chosen.device_type, "Cpu", "{} chosen over a GPU", chosen.name);
+            return;
+        }
+        let engine = opened.cpu.clone().expect("the CPU engine runs");
+        assert!(opened.adapter.is_none() && engine.threads >= 1, "{}", opened.describe());
+        assert!(
+            opened.describe().starts_with("native CPU engine"),
+            "{}",
+            opened.describe()
+        );
+        assert_eq!(max_tensor_bytes(&opened.device), Some(engine.max_tensor_bytes));
+        if !adapters.is_empty() {
+            let named = open(&DeviceRequest {
+                backend: Some("vulkan".into()),
+                ..auto
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert!(named.adapter.is_some(), "--backend vulkan must keep the rasterizer");
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! Diffusion, launched inside burn through one backend extension ([`DivergenKernels`]).
 //!
 //! Each kernel lives in its own folder: the `.wgsl` file, the Rust that launches it, its CPU
-//! reference, and its tests. Models call the tensor-level functions re-exported here; on a
-//! machine without a GPU adapter the same calls run the CPU references on burn's Flex backend.
+//! kernel, its reference, and its tests. Models call the tensor-level functions re-exported
+//! here; on a machine without a GPU (or with only a CPU rasterizer) the same calls run the
+//! native CPU engine ([`engine`]) on burn's Flex backend.
 
 pub mod activation;
 pub mod attention;
@@ -11,6 +12,7 @@ pub mod bench;
 mod codegen;
 pub mod conv;
 pub mod device;
+pub mod engine;
 pub mod gemm;
 mod launch;
 pub mod norm;

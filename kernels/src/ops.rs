@@ -2,7 +2,8 @@
 //!
 //! `#[backend_extension]` routes each call by the tensors' device: wgpu devices (through burn's
 //! fusion layer, which treats our kernels as opaque custom ops) reach the WGSL launchers; the CPU
-//! backend (Flex) runs the plain-Rust references, so the product also runs with no Vulkan driver.
+//! backend (Flex) runs the CPU engine's kernels (`<op>/cpu.rs`: threaded, SIMD), so the product
+//! also runs, and fast, with no GPU. The f64 references stay the test oracle only.
 
 use burn::backend::TensorMetadata;
 use burn::backend::ops::{FloatTensorOps, IntTensorOps};
@@ -178,7 +179,7 @@ impl DivergenKernels for CubeBackend {
     }
 }
 
-// ---- CPU backend: the references --------------------------------------------------------------
+// ---- CPU backend: the CPU engine's kernels -----------------------------------------------
 
 type FlexDevice = BackendDevice<Flex>;
 
@@ -191,6 +192,36 @@ fn read_float(t: FloatTensor<Flex>) -> (Vec<f32>, Vec<usize>, DType) {
         .try_into_vec::<f32>()
         .unwrap_or_else(|e| panic!("CPU tensor is not float: {e:?}"));
     (values, dims, dtype)
+}
+
+/// A float CPU tensor's values without a copy where it already is contiguous f32 (weights
+/// always are): copying a 64 MB weight on every call cost more than the product itself.
+fn float_view(t: &FloatTensor<Flex>) -> (std::borrow::Cow<'_, [f32]>, Vec<usize>, DType) {
+    let dims: Vec<usize> = t.shape().iter().copied().collect();
+    match t.as_slice::<f32>() {
+        Some(values) => (std::borrow::Cow::Borrowed(values), dims, DType::F32),
+        None => {
+            let (values, dims, dtype) = read_float(t.clone());
+            (std::borrow::Cow::Owned(values), dims, dtype)
+        }
+    }
+}
+
+/// Packed words without a copy where the tensor holds contiguous 32-bit integers (the
+/// quantized weights do: they are uploaded as i32).
+fn words_view(t: &IntTensor<Flex>) -> std::borrow::Cow<'_, [u32]> {
+    match (t.as_slice::<i32>(), t.as_slice::<u32>()) {
+        (Some(signed), _) => std::borrow::Cow::Borrowed(bytemuck::cast_slice(signed)),
+        (_, Some(words)) => std::borrow::Cow::Borrowed(words),
+        _ => std::borrow::Cow::Owned(read_words(t.clone())),
+    }
+}
+
+fn qgemm_dims(x: &[usize], out_features: usize) -> Vec<usize> {
+    crate::qgemm::out_shape(&Shape::from(x.to_vec()), &out_features)
+        .iter()
+        .copied()
+        .collect()
 }
 
 fn read_words(t: IntTensor<Flex>) -> Vec<u32> {
@@ -230,7 +261,7 @@ fn flex_attention(
         );
         (hv, wv, wd[3])
     });
-    let out = crate::attention::reference_with_bias(
+    let out = crate::attention::cpu::attention(
         &qv,
         &kv,
         &vv,
@@ -249,9 +280,9 @@ fn flex_attention(
 impl DivergenKernels for Flex {
     fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, transpose_rhs: bool) -> FloatTensor<Self> {
         let device = lhs.device();
-        let ((a, ad, dtype), (b, bd, _)) = (read_float(lhs), read_float(rhs));
+        let ((a, ad, dtype), (b, bd, _)) = (float_view(&lhs), float_view(&rhs));
         let s = GemmShape::of(&ad, &bd, transpose_rhs);
-        write_float(crate::gemm::reference(&a, &b, &s), s.out_dims(&ad, &bd), dtype, &device)
+        write_float(crate::gemm::cpu::gemm(&a, &b, &s), s.out_dims(&ad, &bd), dtype, &device)
     }
     fn qgemm_int8(
         x: FloatTensor<Self>,
@@ -260,25 +291,11 @@ impl DivergenKernels for Flex {
         out_features: usize,
     ) -> FloatTensor<Self> {
         let device = x.device();
-        let (xv, xd, dtype) = read_float(x);
+        let (xv, xd, dtype) = float_view(&x);
         let k = *xd.last().expect("qgemm: activations need a dimension");
-        let w = Int8Weights {
-            n: out_features,
-            k,
-            words: read_words(words),
-            scales: read_float(scales).0,
-        };
         let m = xv.len() / k.max(1);
-        let out = crate::qgemm::reference_int8(&xv, m, &w);
-        write_float(
-            out,
-            crate::qgemm::out_shape(&Shape::from(xd), &out_features)
-                .iter()
-                .copied()
-                .collect(),
-            dtype,
-            &device,
-        )
+        let out = crate::qgemm::cpu::int8(&xv, m, (out_features, k), &words_view(&words), &float_view(&scales).0);
+        write_float(out, qgemm_dims(&xd, out_features), dtype, &device)
     }
     fn qgemm_int4(
         x: FloatTensor<Self>,
@@ -287,25 +304,11 @@ impl DivergenKernels for Flex {
         out_features: usize,
     ) -> FloatTensor<Self> {
         let device = x.device();
-        let (xv, xd, dtype) = read_float(x);
+        let (xv, xd, dtype) = float_view(&x);
         let k = *xd.last().expect("qgemm: activations need a dimension");
-        let w = Int4Weights {
-            n: out_features,
-            k,
-            words: read_words(words),
-            scales: read_words(scales),
-        };
         let m = xv.len() / k.max(1);
-        let out = crate::qgemm::reference_int4(&xv, m, &w);
-        write_float(
-            out,
-            crate::qgemm::out_shape(&Shape::from(xd), &out_features)
-                .iter()
-                .copied()
-                .collect(),
-            dtype,
-            &device,
-        )
+        let out = crate::qgemm::cpu::int4(&xv, m, (out_features, k), &words_view(&words), &words_view(&scales));
+        write_float(out, qgemm_dims(&xd, out_features), dtype, &device)
     }
     fn attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
         flex_attention(q, k, v, scale, None)
@@ -337,7 +340,7 @@ impl DivergenKernels for Flex {
             spatial,
             groups,
         };
-        let out = crate::norm::reference_group_norm(&xv, shape, &read_float(gamma).0, &read_float(beta).0, eps, silu);
+        let out = crate::norm::cpu::group_norm(&xv, shape, &read_float(gamma).0, &read_float(beta).0, eps, silu);
         write_float(out, xd, dtype, &device)
     }
     fn layer_norm(
@@ -349,19 +352,19 @@ impl DivergenKernels for Flex {
         let device = x.device();
         let (xv, xd, dtype) = read_float(x);
         let d = *xd.last().expect("layer_norm: scalar input");
-        let out = crate::norm::reference_layer_norm(&xv, d, &read_float(gamma).0, &read_float(beta).0, eps);
+        let out = crate::norm::cpu::layer_norm(&xv, d, &read_float(gamma).0, &read_float(beta).0, eps);
         write_float(out, xd, dtype, &device)
     }
     fn softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let device = x.device();
         let (xv, xd, dtype) = read_float(x);
         let d = *xd.last().expect("softmax: scalar input");
-        write_float(crate::norm::reference_softmax(&xv, d), xd, dtype, &device)
+        write_float(crate::norm::cpu::softmax(&xv, d), xd, dtype, &device)
     }
     fn activation(x: FloatTensor<Self>, kind: Activation) -> FloatTensor<Self> {
         let device = x.device();
         let (xv, xd, dtype) = read_float(x);
-        write_float(xv.into_iter().map(|v| kind.reference(v)).collect(), xd, dtype, &device)
+        write_float(crate::activation::cpu::activation(&xv, kind), xd, dtype, &device)
     }
     fn conv2d(
         x: FloatTensor<Self>,
@@ -374,7 +377,7 @@ impl DivergenKernels for Flex {
         let ((xv, xd, dtype), (wv, wd, _)) = (read_float(x), read_float(weight));
         let s = ConvShape::of(&xd, &wd, stride, padding);
         write_float(
-            crate::conv::reference_conv2d(&xv, &wv, &read_float(bias).0, &s),
+            crate::conv::cpu::conv2d(&xv, &wv, &read_float(bias).0, &s),
             s.out_dims().to_vec(),
             dtype,
             &device,
@@ -391,7 +394,7 @@ impl DivergenKernels for Flex {
         let ((xv, xd, dtype), (wv, wd, _)) = (read_float(x), read_float(weight));
         let s = crate::conv::depthwise_shape(&xd, &wd, stride, padding);
         write_float(
-            crate::conv::reference_depthwise(&xv, &wv, &read_float(bias).0, &s),
+            crate::conv::cpu::depthwise(&xv, &wv, &read_float(bias).0, &s),
             s.out_dims().to_vec(),
             dtype,
             &device,
@@ -401,7 +404,7 @@ impl DivergenKernels for Flex {
         let device = x.device();
         let (xv, xd, dtype) = read_float(x);
         let r = xd.len();
-        let out = crate::conv::reference_upsample(&xv, xd[..r - 2].iter().product(), xd[r - 2], xd[r - 1]);
+        let out = crate::conv::cpu::upsample(&xv, xd[..r - 2].iter().product(), xd[r - 2], xd[r - 1]);
         let out_dims = crate::conv::upsample_shape(&Shape::from(xd)).iter().copied().collect();
         write_float(out, out_dims, dtype, &device)
     }

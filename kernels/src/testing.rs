@@ -29,7 +29,7 @@ fn open_test_device(request: &DeviceRequest) -> TestDevice {
             plan: Some(plan),
         },
         _ => TestDevice {
-            label: "cpu".into(),
+            label: "native CPU engine".into(),
             device: opened.device.clone(),
             shader_f16: true,
             limits: request.limits,
@@ -39,21 +39,42 @@ fn open_test_device(request: &DeviceRequest) -> TestDevice {
 }
 
 /// The adapter twice, once with its own limits and once with WebGPU's defaults (phone limits),
-/// so every test proves both; or the CPU backend alone when no adapter exists (an error under
-/// `DIVERGEN_REQUIRE_GPU=1`). Each runs the kernel family the environment asks for.
+/// then the native CPU engine, so every test proves all three. A CPU rasterizer counts as an
+/// adapter here (CI proves every WGSL kernel on lavapipe), though `auto` would give it way to
+/// the engine. `DIVERGEN_BACKEND=cpu` leaves only the engine; with no adapter at all the engine
+/// alone runs (an error under `DIVERGEN_REQUIRE_GPU=1`). Each adapter runs the kernel family
+/// the environment asks for.
 pub fn devices() -> &'static [TestDevice] {
     static DEVICES: OnceLock<Vec<TestDevice>> = OnceLock::new();
     DEVICES.get_or_init(|| {
         let base = DeviceRequest::from_env().unwrap_or_else(|e| panic!("{e}"));
+        let engine_only = base
+            .backend
+            .as_deref()
+            .is_some_and(|b| b.trim().eq_ignore_ascii_case("cpu"));
         let mut found = Vec::new();
-        for limits in [LimitsProfile::Adapter, LimitsProfile::Mobile] {
-            let device = open_test_device(&DeviceRequest { limits, ..base.clone() });
-            let cpu = device.plan.is_none();
-            found.push(device);
-            if cpu {
-                break;
+        if !engine_only {
+            let adapter = DeviceRequest {
+                backend: base.backend.clone().or_else(|| Some("gpu".into())),
+                ..base.clone()
+            };
+            for limits in [LimitsProfile::Adapter, LimitsProfile::Mobile] {
+                let device = open_test_device(&DeviceRequest {
+                    limits,
+                    ..adapter.clone()
+                });
+                if device.plan.is_none() {
+                    break; // no adapter: the engine below is all there is
+                }
+                found.push(device);
             }
         }
+        // The engine joins even under DIVERGEN_REQUIRE_GPU=1, which guards the adapter above.
+        found.push(open_test_device(&DeviceRequest {
+            backend: Some("cpu".into()),
+            require_gpu: false,
+            ..base
+        }));
         found
     })
 }
@@ -68,7 +89,7 @@ pub fn kernel_devices() -> &'static [TestDevice] {
         let mut found = Vec::new();
         for d in devices() {
             let Some(plan) = d.plan else {
-                return Vec::new();
+                continue; // the CPU engine has one family
             };
             let other = match plan.family {
                 KernelFamily::Cpu => KernelFamily::Gpu,
@@ -77,6 +98,7 @@ pub fn kernel_devices() -> &'static [TestDevice] {
             found.push(open_test_device(&DeviceRequest {
                 limits: d.limits,
                 kernels: other,
+                backend: base.backend.clone().or_else(|| Some("gpu".into())),
                 ..base.clone()
             }));
         }

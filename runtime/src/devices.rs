@@ -1,19 +1,22 @@
 //! `divergen devices`: what the device layer sees and what it would choose.
 
 use divergen_kernels::device::{AdapterReport, DeviceRequest, GrantedLimits, enumerate, open};
+use divergen_kernels::engine::CpuEngine;
 use divergen_kernels::variants::KernelPlan;
 use serde::Serialize;
 
 #[derive(Serialize)]
 struct Report {
     adapters: Vec<AdapterReport>,
-    /// Index into `adapters`, or `null` when the CPU backend is used.
+    /// Index into `adapters`, or `null` when the CPU engine is used.
     chosen: Option<usize>,
     backend: String,
     limits: String,
     granted: Option<GrantedLimits>,
     /// The kernel variants the chosen device runs.
     kernels: Option<KernelPlan>,
+    /// The native CPU engine: always available, chosen when `chosen` is null.
+    cpu_engine: CpuEngine,
 }
 
 pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
@@ -26,6 +29,10 @@ pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
         limits: chosen.limits.to_string(),
         granted: chosen.granted,
         kernels: chosen.plan,
+        cpu_engine: chosen
+            .cpu
+            .clone()
+            .unwrap_or_else(|| divergen_kernels::engine::start(request.threads)),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
@@ -57,6 +64,14 @@ pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
         println!("      offered features: {}", a.offered_features.join(", "));
         println!("      requested: {}", a.requested_features.join(", "));
     }
+    let e = &report.cpu_engine;
+    let mark = if report.chosen.is_none() { "*" } else { " " };
+    println!(
+        "{mark} native CPU engine — {}, {} threads, tensors up to {} MiB",
+        e.isa,
+        e.threads,
+        e.max_tensor_bytes >> 20
+    );
     println!("using: {}", report.backend);
     if let Some(g) = report.granted {
         println!(

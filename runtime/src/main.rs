@@ -39,14 +39,18 @@ struct DeviceArgs {
     /// Adapter to use: its index in `divergen devices`, or part of its name.
     #[arg(long, global = true, env = "DIVERGEN_ADAPTER")]
     adapter: Option<String>,
-    /// Graphics API: vulkan, metal, dx12 or auto; `cpu` skips every adapter and runs burn's CPU
-    /// backend.
+    /// `auto` (default): the best GPU adapter, or the native CPU engine when the only adapters
+    /// are CPU rasterizers (lavapipe) or there are none. `cpu`: the CPU engine. `vulkan`, `metal`,
+    /// `dx12`: that API's best adapter, a rasterizer included. `gpu`: any API's best adapter.
     #[arg(long, global = true, env = "DIVERGEN_BACKEND")]
     backend: Option<String>,
+    /// Threads of the native CPU engine (default: `RAYON_NUM_THREADS`, else one per core).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     /// `adapter` (all the adapter offers) or `mobile` (WebGPU's defaults, what phones guarantee).
     #[arg(long, global = true, env = "DIVERGEN_LIMITS", default_value = "adapter")]
     limits: String,
-    /// Fail instead of falling back to the CPU backend when no adapter exists.
+    /// Fail instead of running the CPU engine when no adapter exists (a rasterizer counts).
     #[arg(long, global = true, env = "DIVERGEN_REQUIRE_GPU", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     require_gpu: bool,
     /// Kernel variants: `auto` (what suits the adapter), `cpu` (register tiles, what lavapipe
@@ -75,6 +79,7 @@ impl DeviceArgs {
                 .map(divergen_kernels::device::parse_binding_bytes)
                 .transpose()
                 .map_err(|e| e.to_string())?,
+            threads: self.threads.map(usize::from),
         })
     }
 }

@@ -359,6 +359,8 @@ fn generate_splits_the_decode_on_a_device_with_small_bindings() {
             out_png.to_str().unwrap(),
             "--max-binding-bytes",
             limit,
+            "--backend",
+            "gpu",
         ];
         if injected {
             args.extend(["--latents", latents.to_str().unwrap()]);
@@ -372,7 +374,7 @@ fn generate_splits_the_decode_on_a_device_with_small_bindings() {
     let out = generate("192x192", true, "33554432");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    if stderr.contains("CPU backend") {
+    if stderr.contains("CPU engine") {
         return; // no adapter: nothing binds, nothing to split for
     }
     assert!(stderr.contains("in tiles of 16 latent cells"), "{stderr}");

@@ -5,6 +5,8 @@ use burn::tensor::DType;
 
 use crate::launch::{WgslKernel, as_u32, binding, empty_like_device, fold_groups, params};
 
+pub mod cpu;
+
 const TEMPLATE: &str = include_str!("activation.wgsl");
 const WG: u32 = 256;
 

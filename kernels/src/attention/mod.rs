@@ -15,6 +15,8 @@ use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, params
 use crate::tuning::Tile;
 use crate::variants::Attention;
 
+pub mod cpu;
+
 const TEMPLATE: &str = include_str!("attention.wgsl");
 const SHARED: &str = include_str!("attention_shared.wgsl");
 pub const MAX_HEAD_DIM: usize = 256;

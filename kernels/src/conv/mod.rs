@@ -9,6 +9,8 @@ use crate::codegen::{LANES, vec4_of};
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, fold_groups, params};
 use crate::tuning::Tile;
 
+pub mod cpu;
+
 const CONV: &str = include_str!("conv2d.wgsl");
 const CONV_TILED: &str = include_str!("conv2d_tiled.wgsl");
 const UPSAMPLE: &str = include_str!("upsample.wgsl");

@@ -12,6 +12,8 @@ use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, params
 use crate::tuning::Tile;
 use crate::variants::{F16Math, Matmul};
 
+pub mod cpu;
+
 const TEMPLATE: &str = include_str!("gemm.wgsl");
 const TILED: &str = include_str!("tiled.wgsl");
 

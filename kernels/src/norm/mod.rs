@@ -6,6 +6,8 @@ use burn::tensor::DType;
 use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, fold_groups, params};
 use crate::variants::Reduce;
 
+pub mod cpu;
+
 const REDUCE: &str = include_str!("reduce.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("reduce_subgroup.wgsl");
 const GROUP_NORM: &str = include_str!("group_norm.wgsl");

@@ -10,6 +10,8 @@ use crate::launch::{WgslKernel, as_u32, binding, dims, empty_like_device, params
 use crate::quant::{INT4_BLOCK, Int4Weights, Int8Weights};
 use crate::tuning::Tile;
 
+pub mod cpu;
+
 const TEMPLATE: &str = include_str!("qgemm.wgsl");
 const DOT4: &str = include_str!("qgemm_dot4.wgsl");
 const QUANTIZE_ROWS: &str = include_str!("quantize_rows.wgsl");

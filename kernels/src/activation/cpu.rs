@@ -1,0 +1,42 @@
+//! The CPU engine's activations, in f32 over chunks of the tensor on rayon's threads (`erff`
+//! from `libm`, the Rust port of musl's, good to an ulp, since std has no erf).
+
+use rayon::prelude::*;
+
+use super::Activation;
+
+const CHUNK: usize = 1 << 14;
+
+pub fn activation(x: &[f32], kind: Activation) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(dst, src)| {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = match kind {
+                    Activation::Silu => v / (1.0 + (-v).exp()),
+                    Activation::GeluErf => 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
+                    Activation::GeluTanh => {
+                        const C: f32 = 0.797_884_6; // √(2/π)
+                        0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
+                    }
+                };
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, random_vec};
+
+    #[test]
+    fn activations_match_the_reference() {
+        let x = random_vec(40_000, 1, 6.0);
+        for kind in [Activation::Silu, Activation::GeluErf, Activation::GeluTanh] {
+            let want: Vec<f32> = x.iter().map(|&v| kind.reference(v)).collect();
+            assert_close(&activation(&x, kind), &want, 1e-6, &format!("cpu {kind:?}"));
+        }
+    }
+}
