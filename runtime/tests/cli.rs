@@ -319,12 +319,14 @@ fn segment_rejects_bad_prompts_and_broken_checkpoints_without_writing() {
     assert!(!out_png.exists(), "nothing written on failure");
 }
 
-/// A device binding 32 MiB per tensor (`--max-binding-bytes`): the 192² image's whole VAE
-/// decode would hold 36 MiB, so it decodes in tiles, and matches diffusers with
-/// `vae.enable_tiling()` at the same tile size; a size whose UNet would pass the limit is refused
-/// up front, and at 12 MiB a weight that does not fit is named, both before anything is written.
-#[test]
-fn generate_splits_the_decode_on_a_device_with_small_bindings() {
+/// The small SD pipeline fixture as a diffusers folder in a temporary directory: (the directory,
+/// the pipeline folder in it, the fixture folder, its reference.json).
+fn sd_pipeline() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    serde_json::Value,
+) {
     let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures");
     let fixture = models.join("diffusion/pipeline-sd15-small");
     let dir = tempfile::tempdir().unwrap();
@@ -338,6 +340,16 @@ fn generate_splits_the_decode_on_a_device_with_small_bindings() {
     .unwrap();
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture.join("reference.json")).unwrap()).unwrap();
+    (dir, pipeline, fixture, reference)
+}
+
+/// A device binding 32 MiB per tensor (`--max-binding-bytes`): the 192² image's whole VAE
+/// decode would hold 36 MiB, so it decodes in tiles, and matches diffusers with
+/// `vae.enable_tiling()` at the same tile size; a size whose UNet would pass the limit is refused
+/// up front, and at 12 MiB a weight that does not fit is named, both before anything is written.
+#[test]
+fn generate_splits_the_decode_on_a_device_with_small_bindings() {
+    let (dir, pipeline, fixture, reference) = sd_pipeline();
     let out_png = dir.path().join("mug.png");
     let latents = fixture.join("latents-192.npy");
     let generate = |size: &str, injected: bool, limit: &str| {
@@ -414,19 +426,7 @@ fn generate_splits_the_decode_on_a_device_with_small_bindings() {
 
 #[test]
 fn generate_reproduces_the_diffusers_image_from_injected_latents() {
-    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures");
-    let fixture = models.join("diffusion/pipeline-sd15-small");
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = dir.path().join("pipeline");
-    std::fs::create_dir_all(&pipeline).unwrap();
-    divergen_models::recipe::write_diffusers_folder(
-        &fixture,
-        &models.join("clip/bpe_simple_vocab_16e6.txt.gz"),
-        &pipeline,
-    )
-    .unwrap();
-    let reference: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture.join("reference.json")).unwrap()).unwrap();
+    let (dir, pipeline, fixture, reference) = sd_pipeline();
     let out_png = dir.path().join("mug.png");
     let latents = fixture.join("latents.npy");
     let out = divergen(&[

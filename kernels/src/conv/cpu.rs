@@ -7,24 +7,10 @@
 use rayon::prelude::*;
 
 use super::ConvShape;
-use crate::gemm::cpu::gemm_into;
+use crate::gemm::cpu::{SharedOut, gemm_into};
 
 /// Bytes of im2col columns per tile: about half of a core's L2.
 const COLUMN_TILE_BYTES: usize = 512 * 1024;
-
-/// A pointer to the output shared by tiles that each write disjoint columns.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every tile writes only its own output columns (see `conv2d`).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer, through a method so closures capture the whole (`Sync`) wrapper.
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
 
 pub fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
     let (k_len, pixels) = (s.ci * s.kh * s.kw, s.oh * s.ow);
@@ -43,7 +29,7 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32
     };
     let tiles_per_image = pixels.div_ceil(tile);
     let tiles = s.n * tiles_per_image;
-    let dst = Shared(out.as_mut_ptr());
+    let dst = SharedOut(out.as_mut_ptr());
     let one = |t: usize, threads: bool| {
         let (image, p0) = (t / tiles_per_image, (t % tiles_per_image) * tile);
         let width = tile.min(pixels - p0);

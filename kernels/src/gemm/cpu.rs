@@ -7,6 +7,20 @@ use rayon::prelude::*;
 
 use super::GemmShape;
 
+/// An output buffer shared by rayon tasks that each write their own disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: users hand each task a disjoint part of the buffer.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer, through a method so closures capture the whole (`Sync`) wrapper.
+    pub(crate) fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Below this many multiply-adds a product is not worth splitting over threads: batches of
 /// small products (attention heads, per-image convolutions) run one product per thread instead.
 const SPLIT_MACS: usize = 1 << 21;
@@ -91,19 +105,7 @@ unsafe fn skinny_into(
     accumulate: bool,
     threads: bool,
 ) {
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: each block writes its own columns.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        /// The pointer, through a method so closures capture the whole (`Sync`) wrapper.
-        fn ptr(&self) -> *mut f32 {
-            self.0
-        }
-    }
-    let out = Out(dst);
+    let out = SharedOut(dst);
     let block = |j0: usize| {
         let width = SKINNY_COLUMNS.min(n - j0);
         for i in 0..m {

@@ -5,23 +5,10 @@
 
 use rayon::prelude::*;
 
-use crate::gemm::cpu::gemm_into;
+use crate::gemm::cpu::{SharedOut, gemm_into};
 use crate::quant::{INT4_BLOCK, Int4Weights, Int8Weights};
 
 const TILE: usize = 64;
-
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every tile writes only its own output columns.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer, through a method so closures capture the whole (`Sync`) wrapper.
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `x [m, k] · Wᵀ` with `widen(row, dst)` writing row `row` of W as f32.
 fn tiled(x: &[f32], m: usize, n: usize, k: usize, widen: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
@@ -29,7 +16,7 @@ fn tiled(x: &[f32], m: usize, n: usize, k: usize, widen: impl Fn(usize, &mut [f3
     if out.is_empty() {
         return out;
     }
-    let dst = Shared(out.as_mut_ptr());
+    let dst = SharedOut(out.as_mut_ptr());
     (0..n.div_ceil(TILE)).into_par_iter().for_each(|t| {
         let (n0, rows) = (t * TILE, TILE.min(n - t * TILE));
         let mut w = vec![0f32; rows * k];
