@@ -1,10 +1,11 @@
 //! A block shaped like the models' hot paths (ResNet + attention), built from every kernel of
 //! the extension API interleaved with burn's own ops, must give the same numbers on the GPU
-//! adapter (under both limit profiles) as on the CPU fall-back backend.
+//! adapter (under both limit profiles) as on the CPU engine, with the quantized products done
+//! the same way (int8 activations or f32 ones) on both sides.
 
 use burn::tensor::{Device, Tensor};
 use divergen_kernels::quant::{Int4Weights, Int8Weights};
-use divergen_kernels::testing::{assert_close, devices, random_vec, to_vec, upload};
+use divergen_kernels::testing::{assert_close, devices, quantizes_activations, random_vec, to_vec, upload};
 use divergen_kernels::{
     QuantizedWeight, attention, conv2d, gelu, gemm, gemm_bt, group_norm, layer_norm, qgemm, silu, softmax,
     upsample_nearest2x,
@@ -40,7 +41,9 @@ fn weights() -> Weights {
 
 /// GroupNorm+SiLU → conv3×3 → residual → conv1×1 stride 2 → upsample → tokens → Q/K/V (f32 GEMM)
 /// → attention → int8 and int4 projections → LayerNorm → GELU → logits GEMM → softmax.
-fn block(w: &Weights, device: &Device) -> Vec<f32> {
+/// `weight_only`: the CPU engine's quantized products keep f32 activations, as a GPU's `dequant`
+/// kernels do.
+fn block(w: &Weights, device: &Device, weight_only: bool) -> Vec<f32> {
     let x: Tensor<4> = upload(&w.x, &[1, C, HW, HW], device);
     let gamma: Tensor<1> = upload(&w.gamma, &[C], device);
     let beta: Tensor<1> = upload(&w.beta, &[C], device);
@@ -58,8 +61,18 @@ fn block(w: &Weights, device: &Device) -> Vec<f32> {
     let v = heads(qkv.narrow(2, 2 * C, C));
     let a = attention(q, k, v, 1.0 / ((C / HEADS) as f32).sqrt()); // [1, H, S, C/H]
     let a = a.swap_dims(1, 2).reshape([HW * HW, C]);
-    let ff8 = QuantizedWeight::int8(&Int8Weights::quantize(&w.ff[..2 * C * C], 2 * C, C), device);
-    let ff4 = QuantizedWeight::int4(&Int4Weights::quantize(&w.ff[2 * C * C..], C, 2 * C), device);
+    let (q8, q4) = (
+        Int8Weights::quantize(&w.ff[..2 * C * C], 2 * C, C),
+        Int4Weights::quantize(&w.ff[2 * C * C..], C, 2 * C),
+    );
+    let (ff8, ff4) = if weight_only {
+        (
+            QuantizedWeight::int8_weight_only(&q8, device),
+            QuantizedWeight::int4_weight_only(&q4, device),
+        )
+    } else {
+        (QuantizedWeight::int8(&q8, device), QuantizedWeight::int4(&q4, device))
+    };
     let f = qgemm(qgemm(a.clone(), &ff8), &ff4) + a; // [S, C]
     let f = layer_norm(f, Tensor::ones([C], device), Tensor::zeros([C], device), 1e-5);
     let f = gelu(f, false);
@@ -70,10 +83,22 @@ fn block(w: &Weights, device: &Device) -> Vec<f32> {
 #[test]
 fn every_kernel_composes_with_burn_ops_and_matches_the_cpu_fallback() {
     let w = weights();
-    let cpu = block(&w, &Device::flex());
-    assert!(cpu.iter().all(|v| v.is_finite()));
+    let (engine, engine_weight_only) = (block(&w, &Device::flex(), false), block(&w, &Device::flex(), true));
+    assert!(engine.iter().chain(&engine_weight_only).all(|v| v.is_finite()));
+    // Rounding the activations to int8 moves the result, but only by that rounding.
+    assert_close(
+        &engine,
+        &engine_weight_only,
+        2e-2,
+        "CPU engine: int8 vs f32 activations",
+    );
     for d in devices() {
-        let got = block(&w, &d.device);
-        assert_close(&got, &cpu, 1e-4, &format!("{}: model block vs CPU backend", d.label));
+        let got = block(&w, &d.device, false);
+        let want = if quantizes_activations(&d.device) {
+            &engine
+        } else {
+            &engine_weight_only
+        };
+        assert_close(&got, want, 1e-4, &format!("{}: model block vs CPU engine", d.label));
     }
 }

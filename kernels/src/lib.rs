@@ -11,6 +11,7 @@ pub mod attention;
 pub mod bench;
 mod codegen;
 pub mod conv;
+pub(crate) mod cpu_math;
 pub mod device;
 pub mod engine;
 pub mod gemm;

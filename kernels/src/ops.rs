@@ -251,9 +251,9 @@ fn flex_attention(
     bias: Option<(FloatTensor<Flex>, FloatTensor<Flex>)>,
 ) -> FloatTensor<Flex> {
     let device = q.device();
-    let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (read_float(q), read_float(k), read_float(v));
-    let bias = bias.map(|(h, w)| {
-        let ((hv, hd, _), (wv, wd, _)) = (read_float(h), read_float(w));
+    let ((qv, qd, dtype), (kv, kd, _), (vv, _, _)) = (float_view(&q), float_view(&k), float_view(&v));
+    let bias = bias.as_ref().map(|(h, w)| {
+        let ((hv, hd, _), (wv, wd, _)) = (float_view(h), float_view(w));
         assert!(
             hd.len() == 4 && wd.len() == 4 && hd[3] * wd[3] == kd[2],
             "attention: relative-position bias {hd:?} + {wd:?} does not fit {} keys",
@@ -272,7 +272,7 @@ fn flex_attention(
             d: qd[3],
         },
         scale,
-        bias.as_ref().map(|(h, w, kw)| (h.as_slice(), w.as_slice(), *kw)),
+        bias.as_ref().map(|(h, w, kw)| (&h[..], &w[..], *kw)),
     );
     write_float(out, qd, dtype, &device)
 }
@@ -332,7 +332,7 @@ impl DivergenKernels for Flex {
         silu: bool,
     ) -> FloatTensor<Self> {
         let device = x.device();
-        let (xv, xd, dtype) = read_float(x);
+        let (xv, xd, dtype) = float_view(&x);
         let spatial = xd[2..].iter().product();
         let shape = crate::norm::GroupNormShape {
             n: xd[0],
@@ -340,7 +340,7 @@ impl DivergenKernels for Flex {
             spatial,
             groups,
         };
-        let out = crate::norm::cpu::group_norm(&xv, shape, &read_float(gamma).0, &read_float(beta).0, eps, silu);
+        let out = crate::norm::cpu::group_norm(&xv, shape, &float_view(&gamma).0, &float_view(&beta).0, eps, silu);
         write_float(out, xd, dtype, &device)
     }
     fn layer_norm(
@@ -350,20 +350,20 @@ impl DivergenKernels for Flex {
         eps: f32,
     ) -> FloatTensor<Self> {
         let device = x.device();
-        let (xv, xd, dtype) = read_float(x);
+        let (xv, xd, dtype) = float_view(&x);
         let d = *xd.last().expect("layer_norm: scalar input");
-        let out = crate::norm::cpu::layer_norm(&xv, d, &read_float(gamma).0, &read_float(beta).0, eps);
+        let out = crate::norm::cpu::layer_norm(&xv, d, &float_view(&gamma).0, &float_view(&beta).0, eps);
         write_float(out, xd, dtype, &device)
     }
     fn softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let device = x.device();
-        let (xv, xd, dtype) = read_float(x);
+        let (xv, xd, dtype) = float_view(&x);
         let d = *xd.last().expect("softmax: scalar input");
         write_float(crate::norm::cpu::softmax(&xv, d), xd, dtype, &device)
     }
     fn activation(x: FloatTensor<Self>, kind: Activation) -> FloatTensor<Self> {
         let device = x.device();
-        let (xv, xd, dtype) = read_float(x);
+        let (xv, xd, dtype) = float_view(&x);
         write_float(crate::activation::cpu::activation(&xv, kind), xd, dtype, &device)
     }
     fn conv2d(
@@ -374,10 +374,10 @@ impl DivergenKernels for Flex {
         padding: usize,
     ) -> FloatTensor<Self> {
         let device = x.device();
-        let ((xv, xd, dtype), (wv, wd, _)) = (read_float(x), read_float(weight));
+        let ((xv, xd, dtype), (wv, wd, _)) = (float_view(&x), float_view(&weight));
         let s = ConvShape::of(&xd, &wd, stride, padding);
         write_float(
-            crate::conv::cpu::conv2d(&xv, &wv, &read_float(bias).0, &s),
+            crate::conv::cpu::conv2d(&xv, &wv, &float_view(&bias).0, &s),
             s.out_dims().to_vec(),
             dtype,
             &device,
@@ -391,10 +391,10 @@ impl DivergenKernels for Flex {
         padding: usize,
     ) -> FloatTensor<Self> {
         let device = x.device();
-        let ((xv, xd, dtype), (wv, wd, _)) = (read_float(x), read_float(weight));
+        let ((xv, xd, dtype), (wv, wd, _)) = (float_view(&x), float_view(&weight));
         let s = crate::conv::depthwise_shape(&xd, &wd, stride, padding);
         write_float(
-            crate::conv::cpu::depthwise(&xv, &wv, &read_float(bias).0, &s),
+            crate::conv::cpu::depthwise(&xv, &wv, &float_view(&bias).0, &s),
             s.out_dims().to_vec(),
             dtype,
             &device,
@@ -402,7 +402,7 @@ impl DivergenKernels for Flex {
     }
     fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let device = x.device();
-        let (xv, xd, dtype) = read_float(x);
+        let (xv, xd, dtype) = float_view(&x);
         let r = xd.len();
         let out = crate::conv::cpu::upsample(&xv, xd[..r - 2].iter().product(), xd[r - 2], xd[r - 1]);
         let out_dims = crate::conv::upsample_shape(&Shape::from(xd)).iter().copied().collect();
@@ -435,9 +435,25 @@ pub fn gemm_bt<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
 pub struct QuantizedWeight {
     pub out_features: usize,
     pub in_features: usize,
-    words: Tensor<1, Int>,
-    scales: Scales,
+    storage: Storage,
     bytes: usize,
+}
+
+// One per quantized layer, never in a hot collection: boxing would only add indirection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+enum Storage {
+    /// The byte layouts of [`crate::quant`], read by the WGSL kernels.
+    Device { words: Tensor<1, Int>, scales: Scales },
+    /// On the CPU engine: packed once, here, into the integer-dot micro-kernels' panels
+    /// (`qgemm/cpu.rs`); the row layout is not kept beside them.
+    Cpu(std::sync::Arc<CpuPacked>),
+}
+
+#[derive(Debug)]
+enum CpuPacked {
+    Int8(crate::qgemm::cpu::PackedInt8),
+    Int4(crate::qgemm::cpu::PackedInt4),
 }
 
 /// Per-format scales: f32 per channel (int8) or f16 pairs packed in 32-bit words (int4).
@@ -453,32 +469,76 @@ fn words_tensor(words: &[u32], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(signed, [words.len()]), device)
 }
 
+fn on_cpu_engine(device: &Device) -> bool {
+    *device == Device::flex()
+}
+
 impl QuantizedWeight {
+    /// Int8 weights for [`qgemm`]: on the CPU engine packed for integer dots on int8
+    /// activations; on a GPU in the byte layout its kernel plan reads (`dequant` or `dot4`).
     pub fn int8(w: &Int8Weights, device: &Device) -> Self {
+        if on_cpu_engine(device) {
+            let packed = crate::qgemm::cpu::PackedInt8::pack(w);
+            return Self::cpu(w.n, w.k, packed.bytes(), CpuPacked::Int8(packed));
+        }
+        Self::int8_weight_only(w, device)
+    }
+
+    /// Int8 weights whose products keep f32 activations on the CPU engine (tiles widened to
+    /// f32): for a layer whose activations must not be rounded. On a GPU the same as
+    /// [`Self::int8`]: the device's kernel plan decides there.
+    pub fn int8_weight_only(w: &Int8Weights, device: &Device) -> Self {
         let scales = Tensor::from_data(TensorData::new(w.scales.clone(), [w.scales.len()]), device);
         Self {
             out_features: w.n,
             in_features: w.k,
-            words: words_tensor(&w.words, device),
-            scales: Scales::Int8(scales),
+            storage: Storage::Device {
+                words: words_tensor(&w.words, device),
+                scales: Scales::Int8(scales),
+            },
             bytes: w.bytes(),
         }
     }
 
+    /// Int4 weights for [`qgemm`], as [`Self::int8`].
     pub fn int4(w: &Int4Weights, device: &Device) -> Self {
+        if on_cpu_engine(device) {
+            let packed = crate::qgemm::cpu::PackedInt4::pack(w);
+            return Self::cpu(w.n, w.k, packed.bytes(), CpuPacked::Int4(packed));
+        }
+        Self::int4_weight_only(w, device)
+    }
+
+    /// Int4 weights with f32 activations on the CPU engine, as [`Self::int8_weight_only`].
+    pub fn int4_weight_only(w: &Int4Weights, device: &Device) -> Self {
         Self {
             out_features: w.n,
             in_features: w.k,
-            words: words_tensor(&w.words, device),
-            scales: Scales::Int4(words_tensor(&w.scales, device)),
+            storage: Storage::Device {
+                words: words_tensor(&w.words, device),
+                scales: Scales::Int4(words_tensor(&w.scales, device)),
+            },
             bytes: w.bytes(),
+        }
+    }
+
+    fn cpu(out_features: usize, in_features: usize, bytes: usize, packed: CpuPacked) -> Self {
+        Self {
+            out_features,
+            in_features,
+            storage: Storage::Cpu(std::sync::Arc::new(packed)),
+            bytes,
         }
     }
 
     pub fn format(&self) -> QuantFormat {
-        match self.scales {
-            Scales::Int8(_) => QuantFormat::Int8,
-            Scales::Int4(_) => QuantFormat::Int4,
+        match &self.storage {
+            Storage::Device {
+                scales: Scales::Int8(_),
+                ..
+            } => QuantFormat::Int8,
+            Storage::Cpu(packed) if matches!(**packed, CpuPacked::Int8(_)) => QuantFormat::Int8,
+            _ => QuantFormat::Int4,
         }
     }
 
@@ -496,8 +556,12 @@ pub fn qgemm<const D: usize>(x: Tensor<D>, w: &QuantizedWeight) -> Tensor<D> {
         "qgemm: input has {k} features, weight expects {}",
         w.in_features
     );
-    let (x, words) = (x.into_dispatch(), w.words.clone().into_dispatch());
-    Tensor::from_dispatch(match &w.scales {
+    let (words, scales) = match &w.storage {
+        Storage::Cpu(packed) => return cpu_qgemm(x, packed, w.out_features),
+        Storage::Device { words, scales } => (words, scales),
+    };
+    let (x, words) = (x.into_dispatch(), words.clone().into_dispatch());
+    Tensor::from_dispatch(match scales {
         Scales::Int8(scales) => {
             <Dispatch as DivergenKernels>::qgemm_int8(x, words, scales.clone().into_dispatch(), w.out_features)
         }
@@ -505,6 +569,23 @@ pub fn qgemm<const D: usize>(x: Tensor<D>, w: &QuantizedWeight) -> Tensor<D> {
             <Dispatch as DivergenKernels>::qgemm_int4(x, words, scales.clone().into_dispatch(), w.out_features)
         }
     })
+}
+
+/// The CPU engine's quantized product: straight to the packed panels, past burn's dispatch,
+/// which has no way to carry them.
+fn cpu_qgemm<const D: usize>(x: Tensor<D>, packed: &CpuPacked, out_features: usize) -> Tensor<D> {
+    let x = x
+        .try_into_primitive::<Flex>()
+        .unwrap_or_else(|e| panic!("qgemm: the weight is packed for the CPU engine, the input is not on it ({e:?})"));
+    let device = x.device();
+    let (xv, xd, dtype) = float_view(&x);
+    let k = *xd.last().expect("qgemm: activations need a dimension");
+    let m = xv.len() / k.max(1);
+    let out = match packed {
+        CpuPacked::Int8(p) => p.matmul(&xv, m),
+        CpuPacked::Int4(p) => p.matmul(&xv, m),
+    };
+    Tensor::from_primitive::<Flex>(write_float(out, qgemm_dims(&xd, out_features), dtype, &device))
 }
 
 /// `softmax(q·kᵀ·scale)·v` for `[B, H, S, D]` tensors, never materialising the score matrix.

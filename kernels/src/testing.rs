@@ -125,6 +125,12 @@ pub fn plan_of(device: &Device) -> Option<KernelPlan> {
     crate::variants::plan_of(device)
 }
 
+/// Whether quantized products on `device` round their activations to int8 as well: the GPU's
+/// `dot4` variant and the CPU engine's packed integer dots do; weight-only kernels keep f32.
+pub fn quantizes_activations(device: &Device) -> bool {
+    *device == Device::flex() || plan_of(device).is_some_and(|p| p.qgemm == crate::variants::Qgemm::Dot4)
+}
+
 pub fn supports_f16(device: &Device) -> bool {
     devices()
         .iter()

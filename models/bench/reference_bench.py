@@ -24,7 +24,7 @@ import warnings
 
 CASES = [(m, rt, q) for m in ("clip-vit-b-32", "sam-vit-b", "mobile-sam", "sd-turbo-unet")
          for rt in ("pytorch", "onnxruntime") for q in ("none", "int8")] + [
-    (m, "pytorch", "none") for m in ("sd-vae", "taesd")]
+    (m, rt, "none") for m in ("sd-vae", "taesd") for rt in ("pytorch", "onnxruntime")]
 SD_SIDES = tuple(int(v) for v in os.environ.get("DIVERGEN_SD_SIDES", "256,512").split(","))
 
 
@@ -75,13 +75,23 @@ def run_diffusion(model, runtime, quant, runs, threads):
         module = Step().eval()
         if quant == "int8" and runtime == "pytorch":
             module = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
-    elif model == "sd-vae":
-        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4).eval()
-        module = lambda z: vae.decode(z).sample
     else:
-        tiny = AutoencoderTiny().eval()
-        module = lambda z: tiny.decode(z).sample
+        if model == "sd-vae":
+            vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                                down_block_types=["DownEncoderBlock2D"] * 4,
+                                up_block_types=["UpDecoderBlock2D"] * 4).eval()
+        else:
+            vae = AutoencoderTiny().eval()
+
+        class Decode(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vae = vae
+
+            def forward(self, latents):
+                return self.vae.decode(latents).sample
+
+        module = Decode().eval()
     for side in SD_SIDES:
         z = torch.randn(1, 4, side // 8, side // 8)
         if model == "sd-turbo-unet":
@@ -96,16 +106,17 @@ def run_diffusion(model, runtime, quant, runs, threads):
             from onnxruntime.quantization import QuantType, quantize_dynamic
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
+            names = ["latents", "t", "context"][:len(args)]
             with tempfile.TemporaryDirectory() as d:
-                path = os.path.join(d, "unet.onnx")
+                path = os.path.join(d, "model.onnx")
                 # Over 2 GB: the weights go to external data files beside the graph.
-                torch.onnx.export(module, args, path, input_names=["latents", "t", "context"], opset_version=17)
+                torch.onnx.export(module, args, path, input_names=names, opset_version=17)
                 if quant == "int8":
                     quantize_dynamic(path, path + ".q", weight_type=QuantType.QInt8,
                                      op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
                     path = path + ".q"
                 sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-                feed = {"latents": args[0].numpy(), "t": args[1].numpy(), "context": args[2].numpy()}
+                feed = {name: a.numpy() for name, a in zip(names, args)}
                 first, median = timed(lambda: sess.run(None, feed), runs)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(dict(model=model, runtime=runtime, quant=quant, stage=f"{side}", first_ms=first,

@@ -110,10 +110,29 @@ fn time<T>(device: &Device, runs: usize, mut op: impl FnMut() -> T) -> Result<(f
     Ok((first, times[times.len() / 2]))
 }
 
+/// The pool's high-water mark on a GPU; on the CPU engine, whose tensors live in the process's
+/// own memory, the process's peak resident set since the case began.
 fn peak_mib(device: &Device) -> Option<f64> {
+    if *device == Device::flex() {
+        return peak_resident_mib();
+    }
     device
         .memory_pool_usage()
         .map(|u| u.bytes_reserved as f64 / (1 << 20) as f64)
+}
+
+fn peak_resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Starts a new peak for the next case ("5" to `clear_refs` resets `VmHWM`, Linux ≥ 4.0).
+fn reset_peak_resident() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        log::debug!("could not reset the peak resident set: {e}");
+    }
 }
 
 pub fn run(
@@ -126,6 +145,7 @@ pub fn run(
     for &model in &options.models {
         for &quant in &options.quants {
             device.memory_cleanup();
+            reset_peak_resident();
             // One timed stage: `items` per call, weights as loaded.
             let mut record = |stage: String, (first, median): (f64, f64), items: usize, weights: usize| {
                 let case = ModelBenchCase {

@@ -23,6 +23,10 @@ fn silu(v: T) -> T {
     return v / (1.0 + exp(-v));
 }
 
+fn quick_gelu(v: T) -> T {
+    return v / (1.0 + exp(-1.702 * v));
+}
+
 fn gelu_erf(v: T) -> T {
     return 0.5 * v * (1.0 + erf(v * 0.70710678118654752));
 }

@@ -1,9 +1,11 @@
 //! The CPU engine's activations, in f32 over chunks of the tensor on rayon's threads (`erff`
-//! from `libm`, the Rust port of musl's, good to an ulp, since std has no erf).
+//! from `libm`, the Rust port of musl's, good to an ulp, since std has no erf; `exp` from
+//! [`crate::cpu_math`], so the SiLU loop vectorizes).
 
 use rayon::prelude::*;
 
 use super::Activation;
+use crate::cpu_math::{self, with_avx512};
 
 const CHUNK: usize = 1 << 14;
 
@@ -11,20 +13,35 @@ pub fn activation(x: &[f32], kind: Activation) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(dst, src)| {
-            for (o, &v) in dst.iter_mut().zip(src) {
-                *o = match kind {
-                    Activation::Silu => v / (1.0 + (-v).exp()),
-                    Activation::GeluErf => 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
-                    Activation::GeluTanh => {
-                        const C: f32 = 0.797_884_6; // √(2/π)
-                        0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
-                    }
-                };
-            }
-        });
+        .for_each(|(dst, src)| apply(dst, src, kind));
     out
 }
+
+with_avx512!(apply, fn(dst: &mut [f32], src: &[f32], kind: Activation) {
+    match kind {
+        Activation::Silu => {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = v / (1.0 + cpu_math::exp(-v));
+            }
+        }
+        Activation::GeluErf => {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+        Activation::QuickGelu => {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = v / (1.0 + cpu_math::exp(-1.702 * v));
+            }
+        }
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // √(2/π)
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = 0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh());
+            }
+        }
+    }
+});
 
 #[cfg(test)]
 mod tests {
@@ -34,7 +51,12 @@ mod tests {
     #[test]
     fn activations_match_the_reference() {
         let x = random_vec(40_000, 1, 6.0);
-        for kind in [Activation::Silu, Activation::GeluErf, Activation::GeluTanh] {
+        for kind in [
+            Activation::Silu,
+            Activation::GeluErf,
+            Activation::GeluTanh,
+            Activation::QuickGelu,
+        ] {
             let want: Vec<f32> = x.iter().map(|&v| kind.reference(v)).collect();
             assert_close(&activation(&x, kind), &want, 1e-6, &format!("cpu {kind:?}"));
         }

@@ -7,9 +7,12 @@
 use rayon::prelude::*;
 
 use super::AttentionShape;
+use crate::cpu_math::{self, with_avx512};
 use crate::gemm::cpu::gemm_into;
 
-const QUERY_BLOCK: usize = 32;
+/// Queries per job: the key block is packed once per job, so taller blocks pack it less often
+/// (at 32, SAM's 4096-token global attention re-packed every key block 128 times a head).
+const QUERY_BLOCK: usize = 128;
 const KEY_BLOCK: usize = 256;
 
 /// `(bias_h [bh·sq·kh], bias_w [bh·sq·kw], kw)`, as [`super::reference_with_bias`] takes it.
@@ -49,27 +52,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, scale: 
             }
             for i in 0..rows {
                 let row = &mut s[i * kb..][..kb];
-                for x in row.iter_mut() {
-                    *x *= scale;
-                }
-                if let Some((bias_h, bias_w, kw)) = bias {
+                let biases = bias.map(|(bias_h, bias_w, kw)| {
                     let (r, n_kh) = (h * sq + q0 + i, skv / kw);
-                    let (bh_row, bw_row) = (&bias_h[r * n_kh..][..n_kh], &bias_w[r * kw..][..kw]);
-                    for (j, x) in row.iter_mut().enumerate() {
-                        let key = k0 + j;
-                        *x += bh_row[key / kw] + bw_row[key % kw];
-                    }
-                }
-                let block_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = max[i].max(block_max);
-                let rescale = (max[i] - new_max).exp();
-                let mut block_sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - new_max).exp();
-                    block_sum += *x;
-                }
-                sum[i] = sum[i] * rescale + block_sum;
-                max[i] = new_max;
+                    (&bias_h[r * n_kh..][..n_kh], &bias_w[r * kw..][..kw])
+                });
+                let rescale = softmax_block(row, scale, biases, k0, &mut max[i], &mut sum[i]);
                 if rescale != 1.0 {
                     for x in &mut o[i * d..][..d] {
                         *x *= rescale;
@@ -90,6 +77,58 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, scale: 
     });
     out
 }
+
+with_avx512!(softmax_block, fn(row: &mut [f32], scale: f32, bias: Option<(&[f32], &[f32])>, k0: usize, max: &mut f32, sum: &mut f32) -> f32 {
+    // One block of scores for one query: scale, add the relative-position bias, then the online
+    // softmax's step. Returns the factor the running output must be rescaled by.
+    for x in row.iter_mut() {
+        *x *= scale;
+    }
+    if let Some((bias_h, bias_w)) = bias {
+        // Keys are a grid `kh × kw`, row-major: walk its rows instead of dividing per key.
+        let kw = bias_w.len();
+        let (mut j, mut key) = (0, k0);
+        while j < row.len() {
+            let (kr, kc) = (key / kw, key % kw);
+            let run = (kw - kc).min(row.len() - j);
+            let bh = bias_h[kr];
+            for (x, bw) in row[j..j + run].iter_mut().zip(&bias_w[kc..kc + run]) {
+                *x += bh + bw;
+            }
+            j += run;
+            key += run;
+        }
+    }
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    let block_max = lanes.iter().copied().fold(tail, f32::max);
+    let new_max = max.max(block_max);
+    let rescale = cpu_math::exp(*max - new_max);
+    let mut sums = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
+            *x = cpu_math::exp(*x - new_max);
+            *s += *x;
+        }
+    }
+    let mut block_sum = 0f32;
+    for x in chunks.into_remainder() {
+        *x = cpu_math::exp(*x - new_max);
+        block_sum += *x;
+    }
+    block_sum += sums.iter().sum::<f32>();
+    *sum = *sum * rescale + block_sum;
+    *max = new_max;
+    // On the first block the old maximum is −∞ and the factor ~1e-38: it scales zeros.
+    rescale
+});
 
 #[cfg(test)]
 mod tests {

@@ -157,6 +157,14 @@ pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape) -> Vec<f32> {
     if c.is_empty() {
         return c;
     }
+    if s.batch > 1 && s.a_batched && !s.b_batched {
+        // One B for every batch (a linear layer's weight): one product of batch·m rows packs
+        // B once, not once per batch, and gives the micro-kernel tall panels.
+        let rows = s.batch * s.m;
+        // SAFETY: `c` is the whole [batch·m, n] output, written by this product alone.
+        unsafe { gemm_into(c.as_mut_ptr(), s.n, a, b, (rows, s.n, s.k), s.transpose_b, false, true) };
+        return c;
+    }
     let (a_stride, b_stride) = (
         if s.a_batched { s.m * s.k } else { 0 },
         if s.b_batched { s.k * s.n } else { 0 },
@@ -195,15 +203,16 @@ mod tests {
 
     #[test]
     fn matches_the_reference_on_odd_shapes_batches_and_transposes() {
-        for (batch, m, n, k, a_batched, transpose_b) in [
-            (1, 1, 1, 1, true, false),
-            (1, 1, 700, 333, true, true),
-            (2, 3, 300, 129, true, false),
-            (1, 67, 45, 131, true, false),
-            (3, 17, 33, 9, true, true),
-            (4, 5, 300, 70, false, false),
-            (1, 256, 256, 256, true, true),
-            (2, 130, 70, 260, true, false),
+        for (batch, m, n, k, a_batched, b_batched, transpose_b) in [
+            (1, 1, 1, 1, true, true, false),
+            (1, 1, 700, 333, true, true, true),
+            (2, 3, 300, 129, true, true, false),
+            (1, 67, 45, 131, true, true, false),
+            (3, 17, 33, 9, true, true, true),
+            (4, 5, 300, 70, false, true, false),
+            (1, 256, 256, 256, true, true, true),
+            (2, 130, 70, 260, true, true, false),
+            (3, 50, 40, 30, true, false, true),
         ] {
             let s = GemmShape {
                 batch,
@@ -211,11 +220,11 @@ mod tests {
                 n,
                 k,
                 a_batched,
-                b_batched: true,
+                b_batched,
                 transpose_b,
             };
             let a = random_vec(if a_batched { batch } else { 1 } * m * k, 5, 1.0);
-            let b = random_vec(batch * k * n, 6, 1.0);
+            let b = random_vec(if s.b_batched { batch } else { 1 } * k * n, 6, 1.0);
             assert_close(
                 &gemm(&a, &b, &s),
                 &super::super::reference(&a, &b, &s),

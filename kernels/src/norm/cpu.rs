@@ -5,13 +5,53 @@
 use rayon::prelude::*;
 
 use super::GroupNormShape;
+use crate::cpu_math::{self, with_avx512};
 
-fn mean_and_rstd(v: &[f32], eps: f32) -> (f32, f32) {
-    let len = v.len() as f32;
-    let mean = v.iter().sum::<f32>() / len;
-    let var = v.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / len;
-    (mean, 1.0 / (var + eps).sqrt())
+/// `Σ f(v)` in 16 independent lanes: a single running f32 sum is a dependency chain the compiler
+/// may not reorder, so it would run one element a cycle.
+#[inline(always)]
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for chunk in chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l += f(x);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
+
+with_avx512!(mean_and_rstd, fn(v: &[f32], eps: f32) -> (f32, f32) {
+    let len = v.len() as f32;
+    let mean = lane_sum(v, |x| x) / len;
+    let var = lane_sum(v, |x| (x - mean) * (x - mean)) / len;
+    (mean, 1.0 / (var + eps).sqrt())
+});
+
+with_avx512!(scale_shift, fn(dst: &mut [f32], src: &[f32], g: f32, b: f32, fuse_silu: bool) {
+    if fuse_silu {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            let y = v * g + b;
+            *o = y / (1.0 + cpu_math::exp(-y));
+        }
+    } else {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = v * g + b;
+        }
+    }
+});
+
+with_avx512!(softmax_row, fn(dst: &mut [f32], src: &[f32]) {
+    let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for (o, &v) in dst.iter_mut().zip(src) {
+        *o = cpu_math::exp(v - max);
+    }
+    let inv = 1.0 / lane_sum(dst, |x| x);
+    for o in dst.iter_mut() {
+        *o *= inv;
+    }
+});
 
 pub fn group_norm(
     x: &[f32],
@@ -38,10 +78,7 @@ pub fn group_norm(
                     gamma[first + ch] * rstd,
                     beta[first + ch] - mean * rstd * gamma[first + ch],
                 );
-                for (o, &v) in d.iter_mut().zip(s) {
-                    let y = v * g + b;
-                    *o = if fuse_silu { y / (1.0 + (-y).exp()) } else { y };
-                }
+                scale_shift(d, s, g, b, fuse_silu);
             }
         });
     out
@@ -66,18 +103,9 @@ pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(dst, src)| {
-        let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for (o, &v) in dst.iter_mut().zip(src) {
-            *o = (v - max).exp();
-            sum += *o;
-        }
-        let inv = 1.0 / sum;
-        for o in dst.iter_mut() {
-            *o *= inv;
-        }
-    });
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(dst, src)| softmax_row(dst, src));
     out
 }
 

@@ -11,6 +11,7 @@ use crate::quant::{INT4_BLOCK, Int4Weights, Int8Weights};
 use crate::tuning::Tile;
 
 pub mod cpu;
+pub mod dot;
 
 const TEMPLATE: &str = include_str!("qgemm.wgsl");
 const DOT4: &str = include_str!("qgemm_dot4.wgsl");
@@ -490,8 +491,7 @@ pub fn reference_int4(x: &[f32], m: usize, w: &Int4Weights) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::QuantizedWeight;
-    use crate::testing::{assert_close, for_each_kernel_device, plan_of, random_vec, to_vec, upload};
-    use crate::variants::Qgemm;
+    use crate::testing::{assert_close, for_each_kernel_device, quantizes_activations, random_vec, to_vec, upload};
     use burn::tensor::Tensor;
 
     fn check(m: usize, n: usize, k: usize, seed: u64) {
@@ -507,7 +507,7 @@ mod tests {
             let got8 = to_vec(crate::qgemm(xt.clone(), &QuantizedWeight::int8(&q8, dev)));
             let got4 = to_vec(crate::qgemm(xt, &QuantizedWeight::int4(&q4, dev)));
             assert_eq!(got8.len(), m * n);
-            if plan_of(dev).is_some_and(|p| p.qgemm == Qgemm::Dot4) {
+            if quantizes_activations(dev) {
                 // Integer sums are exact; an activation on a rounding boundary may quantize one
                 // step apart where the device's division differs from Rust's by an ulp.
                 assert_close(&got8, &dot8, 1e-3, &format!("{label} int8 dot4 {m}x{n}x{k}"));
@@ -556,7 +556,7 @@ mod tests {
             ));
             // With packed dots the activations are rounded too: each by at most half its row's
             // step, times the weight it meets.
-            let dot4 = plan_of(dev).is_some_and(|p| p.qgemm == Qgemm::Dot4);
+            let dot4 = quantizes_activations(dev);
             let rows = quantize_rows_reference(&x, m, k);
             let deq = q8.dequantize();
             for r in 0..m {
