@@ -31,6 +31,37 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((half + 127) as u32) << 23) * f32::from_bits(((rest + 127) as u32) << 23)
 }
 
+/// `Σ f(v)` in 16 independent lanes: a single running f32 sum is a dependency chain the compiler
+/// may not reorder, so it would run one element a cycle.
+#[inline(always)]
+pub fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for chunk in chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l += f(x);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `max(floor, max f(v))` in 16 independent lanes, so the loop vectorizes (`f32::max` in one
+/// running fold does not: it orders NaNs).
+#[inline(always)]
+pub fn lane_max(v: &[f32], floor: f32, f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [floor; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(floor, |a, &x| a.max(f(x)));
+    for chunk in chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            let y = f(x);
+            *l = if y > *l { y } else { *l };
+        }
+    }
+    lanes.iter().fold(tail, |a, &l| a.max(l))
+}
+
 /// Runs `$body` compiled for AVX-512 (F, BW, VL, FMA) where the CPU has it, and for the baseline
 /// otherwise: the build targets baseline x86-64, which vectorizes four lanes wide without FMA.
 /// `$body` must not rely on any feature beyond what it checks itself.

@@ -99,15 +99,7 @@ with_avx512!(softmax_block, fn(row: &mut [f32], scale: f32, bias: Option<(&[f32]
             key += run;
         }
     }
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let chunks = row.chunks_exact(16);
-    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for chunk in chunks {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l = if x > *l { x } else { *l };
-        }
-    }
-    let block_max = lanes.iter().copied().fold(tail, f32::max);
+    let block_max = cpu_math::lane_max(row, f32::NEG_INFINITY, |x| x);
     let new_max = max.max(block_max);
     let rescale = cpu_math::exp(*max - new_max);
     let mut sums = [0f32; 16];

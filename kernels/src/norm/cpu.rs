@@ -5,22 +5,7 @@
 use rayon::prelude::*;
 
 use super::GroupNormShape;
-use crate::cpu_math::{self, with_avx512};
-
-/// `Σ f(v)` in 16 independent lanes: a single running f32 sum is a dependency chain the compiler
-/// may not reorder, so it would run one element a cycle.
-#[inline(always)]
-fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = v.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
-    for chunk in chunks {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l += f(x);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
+use crate::cpu_math::{self, lane_sum, with_avx512};
 
 with_avx512!(mean_and_rstd, fn(v: &[f32], eps: f32) -> (f32, f32) {
     let len = v.len() as f32;

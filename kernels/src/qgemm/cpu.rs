@@ -26,23 +26,9 @@ fn isa() -> DotIsa {
     *ISA.get_or_init(DotIsa::detect)
 }
 
-/// The integer-dot micro-kernel this CPU runs ("AVX-512 VNNI", "AVX2", "NEON dotprod", "portable").
-pub fn dot_isa() -> &'static str {
-    isa().name()
-}
-
-/// `max |v|` in 16 independent lanes, so the loop vectorizes (a single running `max` does not).
 #[inline(always)]
 fn abs_max(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = values.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(0f32, |a, v| a.max(v.abs()));
-    for chunk in chunks {
-        for (l, v) in lanes.iter_mut().zip(chunk) {
-            *l = if v.abs() > *l { v.abs() } else { *l };
-        }
-    }
-    lanes.iter().fold(tail, |a, &l| a.max(l))
+    crate::cpu_math::lane_max(values, 0.0, f32::abs)
 }
 
 /// One row to int8 (bytes `^ offset`), returning its scale.

@@ -58,15 +58,6 @@ impl DotIsa {
     pub fn offset_activations(self) -> bool {
         self == DotIsa::Avx512Vnni
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DotIsa::Avx512Vnni => "AVX-512 VNNI",
-            DotIsa::Avx2 => "AVX2",
-            DotIsa::NeonDot => "NEON dotprod",
-            DotIsa::Portable => "portable",
-        }
-    }
 }
 
 /// `out[r][c] = Σ_g Σ_j x[r][4g + j] · w[g][c][j]` over `groups` groups, for `rows ≤ MAX_ROWS`
