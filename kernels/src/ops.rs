@@ -207,6 +207,23 @@ fn float_view(t: &FloatTensor<Flex>) -> (std::borrow::Cow<'_, [f32]>, Vec<usize>
     }
 }
 
+/// An f32 `[N, C, H, W]` tensor whose memory is `[N, H, W, C]` (a permuted view of channels-last
+/// data): its values in that order, and its NCHW dims.
+fn channels_last_view(t: &FloatTensor<Flex>) -> Option<(&[f32], Vec<usize>)> {
+    let layout = t.layout();
+    let dims: Vec<usize> = layout.shape().iter().copied().collect();
+    let &[n, c, h, w] = dims.as_slice() else { return None };
+    let want = [h * w * c, 1, w * c, c].map(|v| v as isize);
+    let strides = layout.strides();
+    // A dimension of one may carry any stride.
+    let matches = (0..4).all(|i| dims[i] == 1 || strides[i] == want[i]);
+    if t.dtype() != DType::F32 || layout.is_contiguous() || !matches {
+        return None;
+    }
+    let values = t.storage::<f32>().get(layout.start_offset()..)?.get(..n * c * h * w)?;
+    Some((values, dims))
+}
+
 /// Packed words without a copy where the tensor holds contiguous 32-bit integers (the
 /// quantized weights do: they are uploaded as i32).
 fn words_view(t: &IntTensor<Flex>) -> std::borrow::Cow<'_, [u32]> {
@@ -391,6 +408,16 @@ impl DivergenKernels for Flex {
         padding: usize,
     ) -> FloatTensor<Self> {
         let device = x.device();
+        if let Some((values, xd)) = channels_last_view(&x) {
+            // Token models (TinyViT) hold `[B, H, W, C]` and view it as NCHW through a permute:
+            // convolving that memory in place, and answering with the same kind of view, spares
+            // the two transposing copies that had cost more than the convolution.
+            let (wv, wd, _) = float_view(&weight);
+            let s = crate::conv::depthwise_shape(&xd, &wd, stride, padding);
+            let out = crate::conv::cpu::depthwise_channels_last(values, &wv, &float_view(&bias).0, &s);
+            let nhwc = write_float(out, vec![s.n, s.oh, s.ow, s.co], DType::F32, &device);
+            return Flex::float_permute(nhwc, &[0, 3, 1, 2]);
+        }
         let ((xv, xd, dtype), (wv, wd, _)) = (float_view(&x), float_view(&weight));
         let s = crate::conv::depthwise_shape(&xd, &wd, stride, padding);
         write_float(

@@ -1,11 +1,10 @@
-//! The CPU engine's activations, in f32 over chunks of the tensor on rayon's threads (`erff`
-//! from `libm`, the Rust port of musl's, good to an ulp, since std has no erf; `exp` from
-//! [`crate::cpu_math`], so the SiLU loop vectorizes).
+//! The CPU engine's activations, in f32 over chunks of the tensor on rayon's threads, with
+//! `exp`, `erf` and `tanh` from [`crate::cpu_math`] so every loop vectorizes.
 
 use rayon::prelude::*;
 
 use super::Activation;
-use crate::cpu_math::{self, with_avx512};
+use crate::cpu_math::{self, dispatch_simd};
 
 const CHUNK: usize = 1 << 14;
 
@@ -17,7 +16,7 @@ pub fn activation(x: &[f32], kind: Activation) -> Vec<f32> {
     out
 }
 
-with_avx512!(apply, fn(dst: &mut [f32], src: &[f32], kind: Activation) {
+dispatch_simd!(apply, fn(dst: &mut [f32], src: &[f32], kind: Activation) {
     match kind {
         Activation::Silu => {
             for (o, &v) in dst.iter_mut().zip(src) {
@@ -26,7 +25,7 @@ with_avx512!(apply, fn(dst: &mut [f32], src: &[f32], kind: Activation) {
         }
         Activation::GeluErf => {
             for (o, &v) in dst.iter_mut().zip(src) {
-                *o = 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2));
+                *o = 0.5 * v * (1.0 + cpu_math::erf(v * std::f32::consts::FRAC_1_SQRT_2));
             }
         }
         Activation::QuickGelu => {
@@ -37,7 +36,7 @@ with_avx512!(apply, fn(dst: &mut [f32], src: &[f32], kind: Activation) {
         Activation::GeluTanh => {
             const C: f32 = 0.797_884_6; // √(2/π)
             for (o, &v) in dst.iter_mut().zip(src) {
-                *o = 0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh());
+                *o = 0.5 * v * (1.0 + cpu_math::tanh(C * (v + 0.044715 * v * v * v)));
             }
         }
     }

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::AttentionShape;
-use crate::cpu_math::{self, with_avx512};
+use crate::cpu_math::{self, dispatch_simd};
 use crate::gemm::cpu::gemm_into;
 
 /// Queries per job: the key block is packed once per job, so taller blocks pack it less often
@@ -78,7 +78,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, scale: 
     out
 }
 
-with_avx512!(softmax_block, fn(row: &mut [f32], scale: f32, bias: Option<(&[f32], &[f32])>, k0: usize, max: &mut f32, sum: &mut f32) -> f32 {
+dispatch_simd!(softmax_block, fn(row: &mut [f32], scale: f32, bias: Option<(&[f32], &[f32])>, k0: usize, max: &mut f32, sum: &mut f32) -> f32 {
     // One block of scores for one query: scale, add the relative-position bias, then the online
     // softmax's step. Returns the factor the running output must be rescaled by.
     for x in row.iter_mut() {

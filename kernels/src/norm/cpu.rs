@@ -5,16 +5,16 @@
 use rayon::prelude::*;
 
 use super::GroupNormShape;
-use crate::cpu_math::{self, lane_sum, with_avx512};
+use crate::cpu_math::{self, dispatch_simd, lane_sum};
 
-with_avx512!(mean_and_rstd, fn(v: &[f32], eps: f32) -> (f32, f32) {
+dispatch_simd!(mean_and_rstd, fn(v: &[f32], eps: f32) -> (f32, f32) {
     let len = v.len() as f32;
     let mean = lane_sum(v, |x| x) / len;
     let var = lane_sum(v, |x| (x - mean) * (x - mean)) / len;
     (mean, 1.0 / (var + eps).sqrt())
 });
 
-with_avx512!(scale_shift, fn(dst: &mut [f32], src: &[f32], g: f32, b: f32, fuse_silu: bool) {
+dispatch_simd!(scale_shift, fn(dst: &mut [f32], src: &[f32], g: f32, b: f32, fuse_silu: bool) {
     if fuse_silu {
         for (o, &v) in dst.iter_mut().zip(src) {
             let y = v * g + b;
@@ -27,7 +27,7 @@ with_avx512!(scale_shift, fn(dst: &mut [f32], src: &[f32], g: f32, b: f32, fuse_
     }
 });
 
-with_avx512!(softmax_row, fn(dst: &mut [f32], src: &[f32]) {
+dispatch_simd!(softmax_row, fn(dst: &mut [f32], src: &[f32]) {
     let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for (o, &v) in dst.iter_mut().zip(src) {
         *o = cpu_math::exp(v - max);
