@@ -8,12 +8,13 @@ use std::time::Instant;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
 use crate::clip::{Clip, ClipConfig};
 use crate::diffusion::taesd::{AutoencoderTinyConfig, TinyDecoder};
 use crate::diffusion::tiling::{Tiling, decode_tiled};
 use crate::diffusion::unet::{PerBlock, UNet, UNetConfig};
 use crate::diffusion::vae::{AutoencoderKlConfig, VaeDecoder};
+use crate::error::ModelError;
 use crate::layers::Quantization;
 use crate::sam::{Point, PointLabel, Prompt, Sam, SamConfig};
 

@@ -9,22 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
-#[derive(Debug)]
-pub struct ModelError(pub String);
-
-impl fmt::Display for ModelError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ModelError {}
-
-impl ModelError {
-    pub fn at(path: &Path, what: impl fmt::Display) -> Self {
-        ModelError(format!("{}: {what}", path.display()))
-    }
-}
+use crate::error::ModelError;
 
 /// The `__metadata__` of every safetensors file divergen writes. transformers and diffusers read
 /// `metadata.get("format")` when loading and fail on a file that has no metadata at all.

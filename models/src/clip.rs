@@ -13,7 +13,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use divergen_kernels::{attention, gelu, gemm, gemm_bt, softmax};
 use serde::Deserialize;
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 /// Int4 puts the vision tower's MLPs (two thirds of its linear weights) in int4 and keeps
 /// attention, projections and the whole text tower in int8. Measured on the parity fixture
 /// (cosine to f32): everything in int4 gave 0.997 for images but 0.986 for texts; int4 MLPs in

@@ -5,7 +5,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::quant::{Int4Weights, Int8Weights};
 use divergen_kernels::{QuantizedWeight, conv2d, gemm_bt, group_norm, layer_norm, qgemm};
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 
 /// Quantization applied to linear layers at load. Embeddings, norms, positional tables and
 /// first convolutions stay f32; each model decides per layer which format its layers take (see

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod clip_preprocess;
 pub mod clip_tokenizer;
 pub mod diffusion;
+pub mod error;
 pub mod layers;
 pub mod recipe;
 pub mod resize;

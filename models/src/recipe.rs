@@ -52,8 +52,8 @@ pub fn tensor(name: &str, shape: &[usize]) -> Vec<f32> {
 pub fn write_checkpoint(
     path: &std::path::Path,
     keys: &serde_json::Map<String, serde_json::Value>,
-) -> Result<(), crate::checkpoint::ModelError> {
-    use crate::checkpoint::ModelError;
+) -> Result<(), crate::error::ModelError> {
+    use crate::error::ModelError;
     use safetensors::{Dtype, tensor::TensorView};
     let mut tensors = Vec::new();
     for (key, shape) in keys.iter().filter(|(k, _)| !k.ends_with("position_ids")) {
@@ -82,8 +82,8 @@ pub fn write_diffusers_folder(
     fixture: &std::path::Path,
     bpe: &std::path::Path,
     out: &std::path::Path,
-) -> Result<(), crate::checkpoint::ModelError> {
-    use crate::checkpoint::ModelError;
+) -> Result<(), crate::error::ModelError> {
+    use crate::error::ModelError;
     fn io(p: &std::path::Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
         move |e| ModelError::at(p, e)
     }

@@ -213,7 +213,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&request, &args),
         Command::Report(args) => run::report(&args),
         Command::Domain(args) => run::domain(&args),
-        Command::Train { what } => train::run_train(&what),
+        Command::Train { what } => train::run_train(&request, &what),
         Command::Eval { what } => train::run_eval(&request, &what),
         Command::Stream {
             what: StreamCommand::Bench(args),

@@ -248,11 +248,11 @@ pub(crate) fn fresh_render(rng: &mut StdRng, side: u32) -> (usize, image::RgbIma
     (k, img, record)
 }
 
-pub fn run_train(command: &TrainCommand) -> Result<(), String> {
+pub fn run_train(request: &DeviceRequest, command: &TrainCommand) -> Result<(), String> {
     match command {
         TrainCommand::Clip(args) => train_clip(args),
         TrainCommand::Sam(args) => train_sam(args),
-        TrainCommand::Generator(args) => crate::train_generator::train_generator(args),
+        TrainCommand::Generator(args) => crate::train_generator::train_generator(request, args),
     }
 }
 

@@ -144,8 +144,12 @@ fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
     Ok(hidden)
 }
 
-pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
+/// `request` is the CLI's (`--adapter`, `--backend`, `--limits`): the pipeline's text encoder
+/// runs there, as it will at generation time. It is opened first, so a wrong flag fails before
+/// any training.
+pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Result<(), String> {
     use burn::optim::{AdamConfig, GradientsParams};
+    let text_device = open(request).map_err(|e| e.to_string())?;
     let device = Device::flex().autodiff();
     device.seed(args.seed);
     let vcfg = vae_config();
@@ -183,8 +187,6 @@ pub fn train_generator(args: &TrainGeneratorArgs) -> Result<(), String> {
     let encoder = vae.valid();
 
     // Phase 2: the UNet, conditioned through the pipeline's own text encoder.
-    let request = DeviceRequest::from_env().map_err(|e| e.to_string())?;
-    let text_device = open(&request).map_err(|e| e.to_string())?;
     let text_encoder =
         ClipTextModel::load_text_encoder(&args.out.join("text_encoder"), Quantization::None, &text_device.device)
             .map_err(|e| e.to_string())?;

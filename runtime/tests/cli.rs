@@ -49,6 +49,21 @@ fn bad_settings_fail_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no adapter matches 'no-such-gpu'"));
 
+    // Every command opens the device the flags ask for; `train generator` once read only the
+    // environment. It must refuse before it trains or writes anything.
+    let out_dir = std::env::temp_dir().join(format!("divergen-train-adapter-{}", std::process::id()));
+    let out = divergen(&[
+        "--adapter",
+        "no-such-gpu",
+        "train",
+        "generator",
+        "--out",
+        out_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no adapter matches 'no-such-gpu'"));
+    assert!(!out_dir.exists(), "{} was written", out_dir.display());
+
     let out = divergen(&["--backend", "opengl", "devices"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("backend 'opengl'"));

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pipeline::{GenerateOptions, Generated, StableDiffusion, generate};
 use super::scheduler::SchedulerKind;
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 use crate::layers::Quantization;
 
 /// One generator of the mix.

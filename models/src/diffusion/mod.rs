@@ -1,5 +1,6 @@
-//! The Stable Diffusion family: schedulers and the VAE decoder so far; the UNet and the text
-//! encoder wiring come next.
+//! The Stable Diffusion family: the UNet (`unet`), the decoders (`vae`, `taesd`, with `tiling`
+//! past one binding), the schedulers, the text-to-image pipeline and the two-family generator
+//! mix (`mix`).
 
 pub mod mix;
 pub mod pipeline;
@@ -11,7 +12,7 @@ pub mod vae;
 
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 
 /// The weights file of a diffusers component folder: `diffusion_pytorch_model.safetensors`
 /// (diffusers models) or `model.safetensors` (transformers models).

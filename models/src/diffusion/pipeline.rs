@@ -17,9 +17,10 @@ use super::taesd::{AutoencoderTinyConfig, TinyDecoder};
 use super::tiling::{HostImage, Tiling, decode_tiled};
 use super::unet::{UNet, UNetConfig};
 use super::vae::{AutoencoderKlConfig, VaeDecoder};
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
 use crate::clip::ClipTextModel;
 use crate::clip_tokenizer::ClipTokenizer;
+use crate::error::ModelError;
 use crate::layers::Quantization;
 
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 
 /// The fields of a diffusers `scheduler_config.json` these schedulers read, with diffusers'
 /// defaults. Keys a scheduler does not use are ignored, as diffusers' `from_config` does.

@@ -9,7 +9,8 @@ use burn::tensor::{Device, Tensor};
 use divergen_kernels::upsample_nearest2x;
 use serde::Deserialize;
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 use crate::layers::Conv2d as Conv;
 
 /// The fields of an `AutoencoderTiny` `config.json` the decoder reads, with diffusers' defaults.

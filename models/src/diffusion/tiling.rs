@@ -12,7 +12,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 
 /// diffusers' `tile_overlap_factor`.
 const OVERLAP: f64 = 0.25;

@@ -20,7 +20,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::{attention, gelu, silu, upsample_nearest2x};
 use serde::Deserialize;
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 use crate::layers::{Conv2d as Conv, GroupNorm, LayerNorm, Linear, Quantization};
 
 /// `attention_head_dim` / `num_attention_heads`: one value for all blocks or one per block.

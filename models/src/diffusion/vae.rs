@@ -11,7 +11,8 @@ use burn::tensor::{Device, Tensor};
 use divergen_kernels::{attention, gemm, gemm_bt, softmax, upsample_nearest2x};
 use serde::Deserialize;
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 use crate::layers::{Conv2d as Conv, GroupNorm, Linear, Quantization};
 
 /// The fields of an `AutoencoderKL` `config.json` the decoder reads, with diffusers' defaults.

@@ -9,7 +9,8 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::{attention_rel_pos, conv2d, gelu, gemm_bt};
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 use crate::layers::{LayerNorm, Linear, Quantization};
 
 /// `ImageEncoderViT`'s constructor arguments as `build_sam` passes them.

@@ -7,7 +7,8 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use divergen_kernels::{attention, gelu, gemm_bt};
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 use crate::layers::{LayerNorm, Linear, Quantization};
 
 /// `MaskDecoder` + `TwoWayTransformer` constructor arguments as `build_sam` passes them.

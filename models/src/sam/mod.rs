@@ -21,7 +21,8 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 pub use crate::layers::Quantization;
 use image_encoder::{ImageEncoderVit, VitConfig};
 use mask_decoder::{MaskDecoder, MaskDecoderConfig};

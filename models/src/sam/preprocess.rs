@@ -6,7 +6,7 @@
 
 use image::RgbImage;
 
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 use crate::resize::{Filter, resize};
 
 pub const PIXEL_MEAN: [f32; 3] = [123.675, 116.28, 103.53];

@@ -8,7 +8,8 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::gelu;
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 use crate::layers::{LayerNorm, Linear, Quantization};
 
 /// A point prompt in the model's input frame (the resized image, before padding).

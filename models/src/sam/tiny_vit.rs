@@ -12,7 +12,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::{conv2d, depthwise_conv2d, gelu, gemm, gemm_bt, softmax};
 
 use super::image_encoder::{Neck, in_windows};
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
 use crate::layers::{LayerNorm, Linear, Quantization};
 
 /// `TinyViT`'s constructor arguments as MobileSAM's `build_sam_vit_t` passes them.

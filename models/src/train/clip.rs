@@ -12,8 +12,8 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use serde::Serialize;
 
-use crate::checkpoint::ModelError;
 use crate::clip_tokenizer::{CONTEXT, ClipTokenizer};
+use crate::error::ModelError;
 use crate::train::{StateDict, by_tenth, learning_rate, scalar};
 
 /// The tiny model's shape; the fields mirror `CLIPConfig`'s.

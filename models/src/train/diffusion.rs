@@ -17,7 +17,7 @@ use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 use crate::train::StateDict;
 
 fn conv(inp: usize, out: usize, k: usize, stride: usize, pad: usize, device: &Device) -> Conv2d {

@@ -10,7 +10,7 @@ use std::path::Path;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::Tensor;
 
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 
 /// One exported tensor: state-dict key, shape, values.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);

@@ -19,7 +19,7 @@ use burn::tensor::activation::{gelu, log_sigmoid, relu, sigmoid, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::checkpoint::ModelError;
+use crate::error::ModelError;
 use crate::train::{StateDict, by_tenth, learning_rate, scalar};
 
 /// The tiny model's shape, in `_build_sam`'s terms.

@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -315,7 +314,7 @@ impl Outbox {
         };
         let mut frame = vec![0u8; len as usize];
         let file = File::open(&path).map_err(|e| io_err(&path, e))?;
-        file.read_exact_at(&mut frame, offset).map_err(|e| io_err(&path, e))?;
+        read_exact_at(&file, &mut frame, offset).map_err(|e| io_err(&path, e))?;
         Ok(Some(frame))
     }
 
@@ -499,6 +498,20 @@ fn write_acked(dir: &Path, next_seq: u64, sync: bool) -> io::Result<()> {
 
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
+}
+
+/// A positioned read: `pread` on Unix; elsewhere (Windows, where DX12 is offered) a seek on the
+/// handle this call opened alone, so no other reader's position moves.
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buf)
 }
 
 #[cfg(test)]
