@@ -437,24 +437,7 @@ mod tests {
                 &format!("im2col {context}"),
             );
         }
-        for (x_dims, k, stride, pad) in [
-            ([2, 6, 9, 11], 3, 1, 1),
-            ([1, 4, 16, 15], 3, 2, 1),
-            ([1, 3, 8, 8], 7, 1, 3),
-        ] {
-            let w_dims = [x_dims[1], 1, k, k];
-            let s = super::super::depthwise_shape(&x_dims, &w_dims, stride, pad);
-            let x = random_vec(x_dims.iter().product(), 4, 1.0);
-            let w = random_vec(w_dims.iter().product(), 5, 0.3);
-            let b = random_vec(x_dims[1], 6, 1.0);
-            assert_close(
-                &depthwise(&x, &w, &b, &s),
-                &super::super::reference_depthwise(&x, &w, &b, &s),
-                1e-5,
-                &format!("cpu depthwise {x_dims:?} k{k} stride {stride}"),
-            );
-        }
-        // Channels-last: the same convolutions on `[N, H, W, C]` memory.
+        // Depthwise, on NCHW memory and on channels-last `[N, H, W, C]` memory.
         let to_nhwc = |v: &[f32], [_, c, h, w]: [usize; 4]| -> Vec<f32> {
             let mut out = vec![0f32; v.len()];
             for (i, &value) in v.iter().enumerate() {
@@ -465,20 +448,29 @@ mod tests {
         };
         for (x_dims, k, stride, pad) in [
             ([2, 6, 9, 11], 3, 1, 1),
+            ([1, 4, 16, 15], 3, 2, 1),
+            ([1, 3, 8, 8], 7, 1, 3),
             ([1, 20, 16, 15], 3, 2, 1),
             ([1, 3, 8, 8], 5, 1, 2),
         ] {
             let w_dims = [x_dims[1], 1, k, k];
             let s = super::super::depthwise_shape(&x_dims, &w_dims, stride, pad);
-            let x = random_vec(x_dims.iter().product(), 8, 1.0);
-            let w = random_vec(w_dims.iter().product(), 9, 0.3);
-            let b = random_vec(x_dims[1], 10, 1.0);
+            let x = random_vec(x_dims.iter().product(), 4, 1.0);
+            let w = random_vec(w_dims.iter().product(), 5, 0.3);
+            let b = random_vec(x_dims[1], 6, 1.0);
             let want = super::super::reference_depthwise(&x, &w, &b, &s);
+            let context = format!("{x_dims:?} k{k} stride {stride}");
+            assert_close(
+                &depthwise(&x, &w, &b, &s),
+                &want,
+                1e-5,
+                &format!("cpu depthwise {context}"),
+            );
             assert_close(
                 &depthwise_channels_last(&to_nhwc(&x, x_dims), &w, &b, &s),
                 &to_nhwc(&want, [s.n, s.co, s.oh, s.ow]),
                 1e-5,
-                &format!("cpu channels-last depthwise {x_dims:?} k{k} stride {stride}"),
+                &format!("cpu channels-last depthwise {context}"),
             );
         }
         let x = random_vec(3 * 5 * 7, 7, 1.0);
