@@ -26,7 +26,8 @@ pub mod variants;
 
 pub use activation::Activation;
 pub use ops::{
-    DivergenKernels, QuantizedWeight, activation, attention, attention_rel_pos, conv2d, depthwise_conv2d, gelu, gemm,
-    gemm_bt, group_norm, layer_norm, qgemm, silu, softmax, upsample_nearest2x,
+    DenseWeight, DivergenKernels, QuantizedWeight, activation, attention, attention_packed_qkv, attention_rel_pos,
+    conv2d, depthwise_conv2d, gelu, gemm, gemm_bt, group_norm, layer_norm, linear, qgemm, silu, softmax,
+    upsample_nearest2x,
 };
 pub use qgemm::QuantFormat;

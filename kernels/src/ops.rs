@@ -457,6 +457,101 @@ pub fn gemm_bt<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     ))
 }
 
+/// An f32 linear-layer weight `W [N, K]` (PyTorch's `[out, in]`) resident on a device, ready for
+/// [`linear`]: on a GPU a `[1, N, K]` tensor for the GEMM kernel; on the CPU engine packed once,
+/// here, into its micro-kernel's panels (`gemm/cpu.rs`), the row layout not kept beside them.
+#[derive(Clone, Debug)]
+pub struct DenseWeight {
+    pub out_features: usize,
+    pub in_features: usize,
+    storage: DenseStorage,
+}
+
+// One per layer, never in a hot collection: boxing would only add indirection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+enum DenseStorage {
+    Device(Tensor<3>),
+    Cpu(std::sync::Arc<crate::gemm::cpu::PackedF32>),
+}
+
+impl DenseWeight {
+    /// `w` is `[out_features, in_features]` row-major.
+    pub fn new(w: Vec<f32>, out_features: usize, in_features: usize, device: &Device) -> Self {
+        let storage = if on_cpu_engine(device) {
+            DenseStorage::Cpu(std::sync::Arc::new(crate::gemm::cpu::PackedF32::pack(
+                &w,
+                out_features,
+                in_features,
+            )))
+        } else {
+            DenseStorage::Device(Tensor::from_data(
+                TensorData::new(w, [1, out_features, in_features]),
+                device,
+            ))
+        };
+        Self {
+            out_features,
+            in_features,
+            storage,
+        }
+    }
+
+    /// Bytes the weight occupies in f32.
+    pub fn bytes(&self) -> usize {
+        self.out_features * self.in_features * 4
+    }
+}
+
+/// `act(x · Wᵀ + bias)` over the last dimension: `x [B, S, K]` → `[B, S, N]`. On the CPU engine
+/// the bias and activation are applied by the micro-kernel as it stores (one pass over the
+/// output, not three).
+pub fn linear(x: Tensor<3>, w: &DenseWeight, bias: Option<&Tensor<1>>, act: Option<Activation>) -> Tensor<3> {
+    let k = x.dims()[2];
+    assert_eq!(
+        k, w.in_features,
+        "linear: input has {k} features, weight expects {}",
+        w.in_features
+    );
+    match &w.storage {
+        DenseStorage::Cpu(packed) => cpu_linear(x, packed, bias, act),
+        DenseStorage::Device(weight) => {
+            let y = gemm_bt(x, weight.clone());
+            let y = match bias {
+                Some(b) => y + b.clone().unsqueeze::<3>(),
+                None => y,
+            };
+            match act {
+                Some(kind) => activation(y, kind),
+                None => y,
+            }
+        }
+    }
+}
+
+fn cpu_linear(
+    x: Tensor<3>,
+    packed: &crate::gemm::cpu::PackedF32,
+    bias: Option<&Tensor<1>>,
+    act: Option<Activation>,
+) -> Tensor<3> {
+    let x = x
+        .try_into_primitive::<Flex>()
+        .unwrap_or_else(|e| panic!("linear: the weight is packed for the CPU engine, the input is not on it ({e:?})"));
+    let bias = bias.map(|b| {
+        b.clone().try_into_primitive::<Flex>().unwrap_or_else(|e| {
+            panic!("linear: the weight is packed for the CPU engine, the bias is not on it ({e:?})")
+        })
+    });
+    let device = x.device();
+    let (xv, xd, dtype) = float_view(&x);
+    let k = *xd.last().expect("linear: activations need a dimension");
+    let m = xv.len() / k.max(1);
+    let bias_values = bias.as_ref().map(|b| float_view(b).0);
+    let out = packed.matmul(&xv, m, bias_values.as_deref(), act);
+    Tensor::from_primitive::<Flex>(write_float(out, qgemm_dims(&xd, packed.out_features()), dtype, &device))
+}
+
 /// A quantized `[N, K]` weight resident on a device, ready for [`qgemm`].
 #[derive(Clone, Debug)]
 pub struct QuantizedWeight {
@@ -644,6 +739,46 @@ pub fn attention_rel_pos(
         bias_w.into_dispatch(),
         scale,
     ))
+}
+
+/// Attention straight from a QKV projection's output `[N, S, H·3·D]` (each head's `[q | k | v]`
+/// side by side, as TinyViT's projection writes it), with a full bias `bias [H, S, S]` added to
+/// the scaled scores: `softmax(q·kᵀ·scale + bias)·v` → `[N, S, H·D]`, ready for the output
+/// projection. On the CPU engine one fused pass (`attention/cpu.rs`) with no permuted copies;
+/// on a GPU composed from the GEMM and softmax kernels.
+pub fn attention_packed_qkv(qkv: Tensor<3>, heads: usize, scale: f32, bias: &Tensor<3>) -> Tensor<3> {
+    let [n, s, width] = qkv.dims();
+    assert!(
+        heads > 0 && width % (3 * heads) == 0,
+        "attention_packed_qkv: {width} features are not {heads} heads of [q | k | v]"
+    );
+    let d = width / (3 * heads);
+    assert_eq!(
+        bias.dims(),
+        [heads, s, s],
+        "attention_packed_qkv: bias must be [heads, S, S] for {heads} heads of {s} tokens"
+    );
+    if on_cpu_engine(&qkv.device()) {
+        let to_flex = |t: Tensor<3>| {
+            t.try_into_primitive::<Flex>()
+                .unwrap_or_else(|e| panic!("attention_packed_qkv: a tensor is not on the CPU engine ({e:?})"))
+        };
+        let (qkv, bias) = (to_flex(qkv), to_flex(bias.clone()));
+        let device = qkv.device();
+        let ((qv, _, dtype), (bv, _, _)) = (float_view(&qkv), float_view(&bias));
+        let out = crate::attention::cpu::packed_qkv_with_bias(&qv, (n, s, heads, d), scale, &bv);
+        return Tensor::from_primitive::<Flex>(write_float(out, vec![n, s, heads * d], dtype, &device));
+    }
+    let qkv = qkv.reshape([n, s, heads, 3 * d]);
+    let part = |i: usize| {
+        qkv.clone()
+            .slice([0..n, 0..s, 0..heads, i * d..(i + 1) * d])
+            .swap_dims(1, 2)
+    };
+    let scores = gemm_bt(part(0), part(1)) * scale + bias.clone().unsqueeze::<4>();
+    gemm(softmax(scores), part(2))
+        .swap_dims(1, 2)
+        .reshape([n, s, heads * d])
 }
 
 /// Group norm of `[N, C, ...]` with per-channel affine, optionally followed by SiLU.

@@ -16,7 +16,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-DIVERGEN = os.path.join(ROOT, "target", "release", "divergen")
+# DIVERGEN_BIN: another build to sit (e.g. the one before a change), same table.
+DIVERGEN = os.environ.get("DIVERGEN_BIN", os.path.join(ROOT, "target", "release", "divergen"))
 # (model, quantizations): the decoders run in f32 only, in every runtime.
 MODELS = [("clip-vit-b-32", ("none", "int8")), ("sam-vit-b", ("none", "int8")), ("mobile-sam", ("none", "int8")),
           ("sd-turbo-unet", ("none", "int8")), ("sd-vae", ("none",)), ("taesd", ("none",))]

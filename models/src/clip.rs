@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use divergen_kernels::{attention, gelu, gemm, gemm_bt, softmax};
+use divergen_kernels::{attention, gemm, gemm_bt, softmax};
 use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
@@ -186,11 +186,12 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: Tensor<3>) -> Tensor<3> {
+    /// The kernel's activation, applied by the layer before it as it stores its output.
+    fn kernel(self) -> divergen_kernels::Activation {
         match self {
-            // OpenAI's CLIP: x·σ(1.702x), in one pass of our kernel.
-            Activation::QuickGelu => divergen_kernels::activation(x, divergen_kernels::Activation::QuickGelu),
-            Activation::Gelu => gelu(x, false),
+            // OpenAI's CLIP: x·σ(1.702x).
+            Activation::QuickGelu => divergen_kernels::Activation::QuickGelu,
+            Activation::Gelu => divergen_kernels::Activation::GeluErf,
         }
     }
 }
@@ -261,7 +262,9 @@ impl Encoder {
             let h = layer.layer_norm1.forward(x.clone());
             x = x + self.self_attention(layer, h, causal);
             let h = layer.layer_norm2.forward(x.clone());
-            let h = layer.fc2.forward(self.activation.apply(layer.fc1.forward(h)));
+            let h = layer
+                .fc2
+                .forward(layer.fc1.forward_then(h, Some(self.activation.kernel())));
             x = x + h;
         }
         x

@@ -3,7 +3,9 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::quant::{Int4Weights, Int8Weights};
-use divergen_kernels::{QuantizedWeight, conv2d, gemm_bt, group_norm, layer_norm, qgemm};
+use divergen_kernels::{
+    Activation, DenseWeight, QuantizedWeight, activation, conv2d, group_norm, layer_norm, linear, qgemm,
+};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
@@ -34,12 +36,7 @@ impl Quantization {
 // A few of these per layer, never in a hot collection: boxing would only add indirection.
 #[allow(clippy::large_enum_variant)]
 enum Weight {
-    /// `[1, out, in]`: the batch of one broadcasts over the input's batch.
-    Dense(Tensor<3>),
-    /// `[1, in, out]`, transposed once at load for the CPU engine: its GEMM packs a `[K, N]`
-    /// operand at full speed but a transposed one at a third of it when N is 768 (CLIP's
-    /// projections, measured with the `gemm` crate on AVX-512).
-    DenseInOut(Tensor<3>),
+    Dense(DenseWeight),
     Quantized(QuantizedWeight),
 }
 
@@ -79,16 +76,7 @@ impl Linear {
         device: &Device,
     ) -> Self {
         let weight = match quant {
-            Quantization::None if *device == Device::flex() => {
-                let mut t = vec![0f32; w.len()];
-                for (o, row) in w.chunks_exact(inp.max(1)).enumerate() {
-                    for (i, &v) in row.iter().enumerate() {
-                        t[i * out + o] = v;
-                    }
-                }
-                Weight::DenseInOut(Tensor::from_data(TensorData::new(t, [1, inp, out]), device))
-            }
-            Quantization::None => Weight::Dense(Tensor::from_data(TensorData::new(w, [1, out, inp]), device)),
+            Quantization::None => Weight::Dense(DenseWeight::new(w, out, inp, device)),
             // The per-layer choice between int8 activations and f32 ones (`*_weight_only`): every
             // quantized layer of CLIP, SAM, MobileSAM and the UNet keeps its parity bound with int8
             // activations on the CPU engine (int8 cosine ≥ 0.999, int4 ≥ 0.99 in the parity
@@ -105,21 +93,31 @@ impl Linear {
     }
 
     pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let y = match &self.weight {
-            Weight::Dense(w) => gemm_bt(x, w.clone()),
-            Weight::DenseInOut(w) => divergen_kernels::gemm(x, w.clone()),
-            Weight::Quantized(q) => qgemm(x, q),
-        };
-        match &self.bias {
-            Some(b) => y + b.clone().unsqueeze::<3>(),
-            None => y,
+        self.forward_then(x, None)
+    }
+
+    /// `act(x·Wᵀ + b)`: on the CPU engine an f32 layer applies the activation as it stores its
+    /// output, in place of a separate pass.
+    pub(crate) fn forward_then(&self, x: Tensor<3>, act: Option<Activation>) -> Tensor<3> {
+        match &self.weight {
+            Weight::Dense(w) => linear(x, w, self.bias.as_ref(), act),
+            Weight::Quantized(q) => {
+                let y = qgemm(x, q);
+                let y = match &self.bias {
+                    Some(b) => y + b.clone().unsqueeze::<3>(),
+                    None => y,
+                };
+                match act {
+                    Some(kind) => activation(y, kind),
+                    None => y,
+                }
+            }
         }
     }
 
     pub(crate) fn out_features(&self) -> usize {
         match &self.weight {
-            Weight::Dense(w) => w.dims()[1],
-            Weight::DenseInOut(w) => w.dims()[2],
+            Weight::Dense(w) => w.out_features,
             Weight::Quantized(q) => q.out_features,
         }
     }
@@ -127,8 +125,7 @@ impl Linear {
     /// Bytes the layer would hold in f32: the size before quantization.
     pub(crate) fn f32_bytes(&self) -> usize {
         let (out, inp) = match &self.weight {
-            Weight::Dense(w) => (w.dims()[1], w.dims()[2]),
-            Weight::DenseInOut(w) => (w.dims()[2], w.dims()[1]),
+            Weight::Dense(w) => (w.out_features, w.in_features),
             Weight::Quantized(q) => (q.out_features, q.in_features),
         };
         (out * inp + self.bias.as_ref().map_or(0, |_| out)) * 4
@@ -137,7 +134,7 @@ impl Linear {
     /// Bytes the layer holds on the device.
     pub(crate) fn bytes(&self) -> usize {
         let weight = match &self.weight {
-            Weight::Dense(w) | Weight::DenseInOut(w) => w.shape().num_elements() * 4,
+            Weight::Dense(w) => w.bytes(),
             Weight::Quantized(q) => q.bytes(),
         };
         weight + self.bias.as_ref().map_or(0, |b| b.shape().num_elements() * 4)

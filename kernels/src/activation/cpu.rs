@@ -18,29 +18,63 @@ pub fn activation(x: &[f32], kind: Activation) -> Vec<f32> {
 
 dispatch_simd!(apply, fn(dst: &mut [f32], src: &[f32], kind: Activation) {
     match kind {
-        Activation::Silu => {
-            for (o, &v) in dst.iter_mut().zip(src) {
-                *o = v / (1.0 + cpu_math::exp(-v));
-            }
-        }
-        Activation::GeluErf => {
-            for (o, &v) in dst.iter_mut().zip(src) {
-                *o = 0.5 * v * (1.0 + cpu_math::erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        }
-        Activation::QuickGelu => {
-            for (o, &v) in dst.iter_mut().zip(src) {
-                *o = v / (1.0 + cpu_math::exp(-1.702 * v));
-            }
-        }
-        Activation::GeluTanh => {
-            const C: f32 = 0.797_884_6; // √(2/π)
-            for (o, &v) in dst.iter_mut().zip(src) {
-                *o = 0.5 * v * (1.0 + cpu_math::tanh(C * (v + 0.044715 * v * v * v)));
-            }
-        }
+        Activation::Silu => map(dst, src, silu),
+        Activation::GeluErf => map(dst, src, gelu_erf),
+        Activation::QuickGelu => map(dst, src, quick_gelu),
+        Activation::GeluTanh => map(dst, src, gelu_tanh),
     }
 });
+
+dispatch_simd!(apply_in_place, fn(values: &mut [f32], kind: Activation) {
+    match kind {
+        Activation::Silu => map_in_place(values, silu),
+        Activation::GeluErf => map_in_place(values, gelu_erf),
+        Activation::QuickGelu => map_in_place(values, quick_gelu),
+        Activation::GeluTanh => map_in_place(values, gelu_tanh),
+    }
+});
+
+/// The activation over values a kernel has just stored (still in L1): the epilogue of a fused
+/// product, in place of a separate pass over the whole tensor.
+pub(crate) fn in_place(values: &mut [f32], kind: Activation) {
+    apply_in_place(values, kind)
+}
+
+// Inlined into each ISA's build of the loops above, so they vectorize with that ISA.
+#[inline(always)]
+fn map(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
+    for (o, &v) in dst.iter_mut().zip(src) {
+        *o = f(v);
+    }
+}
+
+#[inline(always)]
+fn map_in_place(values: &mut [f32], f: impl Fn(f32) -> f32) {
+    for v in values.iter_mut() {
+        *v = f(*v);
+    }
+}
+
+#[inline(always)]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + cpu_math::exp(-v))
+}
+
+#[inline(always)]
+fn gelu_erf(v: f32) -> f32 {
+    0.5 * v * (1.0 + cpu_math::erf(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn quick_gelu(v: f32) -> f32 {
+    v / (1.0 + cpu_math::exp(-1.702 * v))
+}
+
+#[inline(always)]
+fn gelu_tanh(v: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    0.5 * v * (1.0 + cpu_math::tanh(C * (v + 0.044715 * v * v * v)))
+}
 
 #[cfg(test)]
 mod tests {
@@ -58,6 +92,9 @@ mod tests {
         ] {
             let want: Vec<f32> = x.iter().map(|&v| kind.reference(v)).collect();
             assert_close(&activation(&x, kind), &want, 1e-6, &format!("cpu {kind:?}"));
+            let mut fused = x.clone();
+            in_place(&mut fused, kind);
+            assert_close(&fused, &want, 1e-6, &format!("cpu {kind:?} in place"));
         }
     }
 }

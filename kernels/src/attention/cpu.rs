@@ -122,6 +122,133 @@ dispatch_simd!(softmax_block, fn(row: &mut [f32], scale: f32, bias: Option<(&[f3
     rescale
 });
 
+/// Attention straight from a QKV projection's output, with a full additive bias per head, as
+/// TinyViT's windows use it: `qkv [windows, s, heads, 3·d]` (each head's `[q | k | v]` side by
+/// side, the layout the projection writes) and `bias [heads, s, s]` → `[windows, s, heads·d]`,
+/// the layout the output projection reads. Nothing is permuted or copied out first: each
+/// window's heads gather their keys transposed into a small panel, and every query's scores,
+/// softmax and `P·V` happen in registers-sized rows. Windows run on rayon's threads.
+pub fn packed_qkv_with_bias(
+    qkv: &[f32],
+    (windows, s, heads, d): (usize, usize, usize, usize),
+    scale: f32,
+    bias: &[f32],
+) -> Vec<f32> {
+    let c = heads * d;
+    assert_eq!(
+        qkv.len(),
+        windows * s * 3 * c,
+        "packed attention: qkv holds {} values",
+        qkv.len()
+    );
+    assert_eq!(
+        bias.len(),
+        heads * s * s,
+        "packed attention: bias holds {} values",
+        bias.len()
+    );
+    let mut out = vec![0f32; windows * s * c];
+    if out.is_empty() {
+        return out;
+    }
+    let padded = s.div_ceil(KEY_RUN) * KEY_RUN;
+    out.par_chunks_mut(s * c).enumerate().for_each_init(
+        || (vec![0f32; d * padded], vec![0f32; padded]),
+        |(keys_t, scores), (w, dst)| {
+            let window = &qkv[w * s * 3 * c..][..s * 3 * c];
+            for h in 0..heads {
+                // Keys transposed, `[d][padded]`: a query's scores are then `d` multiply-adds of
+                // whole key runs. The padding columns stay zero and are never read back.
+                for (j, token) in window.chunks_exact(3 * c).enumerate() {
+                    for (t, &value) in token[h * 3 * d + d..][..d].iter().enumerate() {
+                        keys_t[t * padded + j] = value;
+                    }
+                }
+                window_head(
+                    window,
+                    dst,
+                    keys_t,
+                    scores,
+                    &bias[h * s * s..][..s * s],
+                    (s, c, h, d),
+                    scale,
+                );
+            }
+        },
+    );
+    out
+}
+
+/// Keys whose scores one pass keeps in registers (8 ymm, 4 zmm).
+const KEY_RUN: usize = 64;
+/// Output features one `P·V` pass keeps in registers.
+const VALUE_RUN: usize = 32;
+
+dispatch_simd!(window_head, fn(window: &[f32], dst: &mut [f32], keys_t: &[f32], scores: &mut [f32], bias: &[f32], shape: (usize, usize, usize, usize), scale: f32) {
+    let (s, c, h, d) = shape;
+    let padded = scores.len();
+    for i in 0..s {
+        let q = &window[i * 3 * c + h * 3 * d..][..d];
+        for k0 in (0..padded).step_by(KEY_RUN) {
+            let mut run = [0f32; KEY_RUN];
+            let live = KEY_RUN.min(s - k0);
+            run[..live].copy_from_slice(&bias[i * s + k0..][..live]);
+            for (t, &qv) in q.iter().enumerate() {
+                let qv = qv * scale;
+                let keys = &keys_t[t * padded + k0..][..KEY_RUN];
+                for (score, &kv) in run.iter_mut().zip(keys) {
+                    *score = qv.mul_add(kv, *score);
+                }
+            }
+            scores[k0..k0 + KEY_RUN].copy_from_slice(&run);
+        }
+        let live = &mut scores[..s];
+        let max = cpu_math::lane_max(live, f32::NEG_INFINITY, |x| x);
+        let mut sums = [0f32; 16];
+        let mut chunks = live.chunks_exact_mut(16);
+        for chunk in &mut chunks {
+            for (sum, x) in sums.iter_mut().zip(chunk.iter_mut()) {
+                *x = cpu_math::exp(*x - max);
+                *sum += *x;
+            }
+        }
+        let mut sum = 0f32;
+        for x in chunks.into_remainder() {
+            *x = cpu_math::exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / (sum + sums.iter().sum::<f32>());
+        let o = &mut dst[i * c + h * d..][..d];
+        let mut t0 = 0;
+        while t0 + VALUE_RUN <= d {
+            let mut acc = [0f32; VALUE_RUN];
+            for (j, &p) in live.iter().enumerate() {
+                let v = &window[j * 3 * c + h * 3 * d + 2 * d + t0..][..VALUE_RUN];
+                for (a, &vv) in acc.iter_mut().zip(v) {
+                    *a = p.mul_add(vv, *a);
+                }
+            }
+            for (ov, a) in o[t0..t0 + VALUE_RUN].iter_mut().zip(acc) {
+                *ov = a * inv;
+            }
+            t0 += VALUE_RUN;
+        }
+        if t0 < d {
+            let rest = &mut o[t0..];
+            rest.fill(0.0);
+            for (j, &p) in live.iter().enumerate() {
+                let v = &window[j * 3 * c + h * 3 * d + 2 * d + t0..][..d - t0];
+                for (ov, &vv) in rest.iter_mut().zip(v) {
+                    *ov = p.mul_add(vv, *ov);
+                }
+            }
+            for ov in rest.iter_mut() {
+                *ov *= inv;
+            }
+        }
+    }
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +285,50 @@ mod tests {
             1e-5,
             "cpu attention with relative positions",
         );
+    }
+
+    #[test]
+    fn packed_qkv_with_bias_matches_a_direct_evaluation() {
+        for (windows, s, heads, d) in [
+            (3, 49, 4, 32),
+            (2, 9, 2, 8),
+            (1, 1, 1, 4),
+            (1, 20, 3, 12),
+            (1, 130, 2, 40),
+        ] {
+            let c = heads * d;
+            let qkv = random_vec(windows * s * 3 * c, 11, 1.0);
+            let bias = random_vec(heads * s * s, 12, 1.0);
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut want = vec![0f32; windows * s * c];
+            for w in 0..windows {
+                let at = |i: usize, h: usize, part: usize, t: usize| {
+                    qkv[((w * s + i) * heads + h) * 3 * d + part * d + t] as f64
+                };
+                for h in 0..heads {
+                    for i in 0..s {
+                        let scores: Vec<f64> = (0..s)
+                            .map(|j| {
+                                let dot: f64 = (0..d).map(|t| at(i, h, 0, t) * at(j, h, 1, t)).sum();
+                                dot * scale as f64 + bias[(h * s + i) * s + j] as f64
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                        let sum: f64 = e.iter().sum();
+                        for t in 0..d {
+                            let v: f64 = (0..s).map(|j| e[j] * at(j, h, 2, t)).sum();
+                            want[(w * s + i) * c + h * d + t] = (v / sum) as f32;
+                        }
+                    }
+                }
+            }
+            assert_close(
+                &packed_qkv_with_bias(&qkv, (windows, s, heads, d), scale, &bias),
+                &want,
+                1e-5,
+                &format!("packed qkv attention {windows}×{s}, {heads} heads of {d}"),
+            );
+        }
     }
 }

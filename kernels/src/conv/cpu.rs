@@ -1,5 +1,6 @@
-//! The CPU engine's convolutions. On AVX-512 a dense convolution is direct: register tiles of
-//! output channels × pixels over small gathered panels (see [`direct`]). Otherwise it is a GEMM of the weight `[CO, CI·KH·KW]` with im2col columns, gathered for one tile of output
+//! The CPU engine's convolutions. On AVX-512 and on AVX2 + FMA a dense convolution is direct:
+//! register tiles of output channels × pixels over small gathered panels (see [`direct`]).
+//! Otherwise (NEON, portable, 1×1 kernels) it is a GEMM of the weight `[CO, CI·KH·KW]` with im2col columns, gathered for one tile of output
 //! pixels at a time so the columns stay in cache (never the whole `CI·KH·KW × OH·OW` matrix:
 //! 2.4 GB for SD's VAE at 512²); tiles run on rayon's threads, each writing its own output
 //! columns. 1×1 stride-1 convolutions read the input as the columns directly. Depthwise
@@ -24,8 +25,8 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32
     conv2d_im2col(x, weight, bias, s)
 }
 
-/// Without AVX-512 (and for 1×1 kernels, which are plain products): im2col tiles into
-/// the `gemm` crate, whose micro-kernels cover AVX2 + FMA, NEON and the portable case.
+/// Without AVX-512 or AVX2 + FMA (and for 1×1 kernels, which are plain products): im2col tiles
+/// into the `gemm` crate, whose micro-kernels cover NEON and the portable case.
 fn conv2d_im2col(x: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
     let (k_len, pixels) = (s.ci * s.kh * s.kw, s.oh * s.ow);
     let mut out = vec![0f32; s.n * s.co * pixels];
@@ -111,7 +112,7 @@ fn im2col_into(x: &[f32], s: &ConvShape, p0: usize, width: usize, dst: &mut [f32
     }
 }
 
-/// Direct convolution on AVX-512, any stride. The output is cut into segments of 64 pixels,
+/// Direct convolution on AVX-512 (or AVX2 + FMA, [`tile_avx2`]), any stride. The output is cut into segments of 64 pixels,
 /// and the input a segment reads is gathered into one small panel that stays in L1/L2:
 /// - rows at least 64 wide, stride 1: a segment is 64 pixels of one output row, and its panel
 ///   the `CI·KH` input rows it reads, 64 + KW − 1 wide (the KW taps are shifted loads of it);
@@ -136,7 +137,7 @@ mod direct {
     const SEGMENT: usize = 16 * VECS;
 
     pub(super) fn applies(s: &ConvShape) -> bool {
-        s.kh * s.kw > 1 && crate::cpu_math::has_avx512()
+        s.kh * s.kw > 1 && (crate::cpu_math::has_avx512() || crate::cpu_math::has_avx2_fma())
     }
 
     /// How a segment's panel is laid out: `rows` panel rows of `width` values, each read at
@@ -184,6 +185,7 @@ mod direct {
         let groups = wanted.div_ceil(s.n * segments).clamp(1, blocks);
         let per_group = blocks.div_ceil(groups);
         let dst = SharedOut(out.as_mut_ptr());
+        let wide = crate::cpu_math::has_avx512();
         (0..s.n * segments * groups).into_par_iter().for_each_init(
             || vec![0f32; panel.rows * panel.width],
             |values, task| {
@@ -198,12 +200,17 @@ mod direct {
                 for block in group * per_group..blocks.min((group + 1) * per_group) {
                     let co0 = block * CO_TILE;
                     let rows = s.co.min(co0 + CO_TILE) - co0;
-                    // SAFETY: AVX-512 is present (`applies`); this task alone writes pixels
-                    // p0..p0 + valid of channels co0..co0 + rows of image `image`.
+                    // SAFETY: AVX-512, or else AVX2 + FMA, is present (`applies`); this task alone
+                    // writes pixels p0..p0 + valid of channels co0..co0 + rows of image `image`.
                     unsafe {
                         let at = dst.ptr().add((image * s.co + co0) * pixels + p0);
                         let weights = &weight[co0 * k_len..][..rows * k_len];
-                        tile(values, panel, weights, &bias[co0..co0 + rows], valid, at, pixels);
+                        let bias = &bias[co0..co0 + rows];
+                        if wide {
+                            tile(values, panel, weights, bias, valid, at, pixels);
+                        } else {
+                            tile_avx2(values, panel, weights, bias, valid, at, pixels);
+                        }
                     }
                 }
             },
@@ -285,6 +292,70 @@ mod direct {
                 let mask = ((1u32 << lanes) - 1) as u16;
                 // SAFETY: the caller's tile holds `valid` pixels of `bias.len()` channel rows.
                 unsafe { _mm512_mask_storeu_ps(out.add(r * pixels + 16 * v), mask, *value) };
+            }
+        }
+    }
+
+    /// [`tile`] for AVX2 + FMA: the segment as four runs of 16 pixels, each 6 channels × 2 ymm
+    /// (12 accumulators of the 16 registers); the weights are broadcast again per run, from L1.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; `out` as for [`tile`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2(
+        values: &[f32],
+        panel: Panel,
+        weights: &[f32],
+        bias: &[f32],
+        valid: usize,
+        out: *mut f32,
+        pixels: usize,
+    ) {
+        const RUN: usize = 16;
+        let k_len = panel.rows * panel.taps;
+        let rows: [&[f32]; CO_TILE] = std::array::from_fn(|r| {
+            let r = if r < bias.len() { r } else { 0 };
+            &weights[r * k_len..][..k_len]
+        });
+        for run in 0..valid.div_ceil(RUN) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; CO_TILE];
+            for (r, b) in bias.iter().enumerate() {
+                acc[r] = [_mm256_set1_ps(*b); 2];
+            }
+            for (r, row) in values.chunks_exact(panel.width).take(panel.rows).enumerate() {
+                for kx in 0..panel.taps {
+                    let column = &row[kx + run * RUN..][..RUN];
+                    let t = r * panel.taps + kx;
+                    // SAFETY: `column` holds 16 floats.
+                    let (x0, x1) = unsafe {
+                        (
+                            _mm256_loadu_ps(column.as_ptr()),
+                            _mm256_loadu_ps(column.as_ptr().add(8)),
+                        )
+                    };
+                    for (r, weight_row) in rows.iter().enumerate() {
+                        // SAFETY: t < k_len, the length of every row.
+                        let wv = _mm256_set1_ps(unsafe { *weight_row.get_unchecked(t) });
+                        acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
+                    }
+                }
+            }
+            let lanes = (valid - run * RUN).min(RUN);
+            for (r, sums) in acc.iter().enumerate().take(bias.len()) {
+                // SAFETY: the caller's tile holds `valid` pixels of `bias.len()` channel rows.
+                unsafe {
+                    let dst = out.add(r * pixels + run * RUN);
+                    if lanes == RUN {
+                        _mm256_storeu_ps(dst, sums[0]);
+                        _mm256_storeu_ps(dst.add(8), sums[1]);
+                    } else {
+                        let mut staged = [0f32; RUN];
+                        _mm256_storeu_ps(staged.as_mut_ptr(), sums[0]);
+                        _mm256_storeu_ps(staged.as_mut_ptr().add(8), sums[1]);
+                        std::ptr::copy_nonoverlapping(staged.as_ptr(), dst, lanes);
+                    }
+                }
             }
         }
     }

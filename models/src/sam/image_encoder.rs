@@ -7,7 +7,7 @@
 //! matrix.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use divergen_kernels::{attention_rel_pos, conv2d, gelu, gemm_bt};
+use divergen_kernels::{Activation, attention_rel_pos, conv2d, gemm_bt};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
@@ -309,9 +309,11 @@ impl ImageEncoderVit {
             })
         };
         let x = x + h;
-        let m = block
-            .lin2
-            .forward(gelu(block.lin1.forward(block.norm2.forward(x.clone())), false));
+        let m = block.lin2.forward(
+            block
+                .lin1
+                .forward_then(block.norm2.forward(x.clone()), Some(Activation::GeluErf)),
+        );
         x + m
     }
 

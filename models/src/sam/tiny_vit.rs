@@ -9,7 +9,7 @@
 //! depthwise 3×3 convolutions run through our depthwise kernel.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use divergen_kernels::{conv2d, depthwise_conv2d, gelu, gemm, gemm_bt, softmax};
+use divergen_kernels::{Activation, attention_packed_qkv, conv2d, depthwise_conv2d, gelu};
 
 use super::image_encoder::{Neck, in_windows};
 use crate::checkpoint::Checkpoint;
@@ -190,7 +190,7 @@ struct PatchMerging {
 
 impl PatchMerging {
     fn forward(&self, x: Tensor<3>, side: usize) -> (Tensor<3>, usize) {
-        let h = gelu(self.conv1.forward(x), false);
+        let h = self.conv1.forward_then(x, Some(Activation::GeluErf));
         let (h, side) = self.conv2.forward(h, side);
         (self.conv3.forward(gelu(h, false)), side)
     }
@@ -363,7 +363,7 @@ impl TinyVit {
         let mut side = side;
         for stage in &self.stages {
             for m in &stage.mbconvs {
-                let h = gelu(m.conv1.forward(x.clone()), false);
+                let h = m.conv1.forward_then(x.clone(), Some(Activation::GeluErf));
                 let (h, _) = m.conv2.forward(h, side);
                 x = gelu(m.conv3.forward(gelu(h, false)) + x, false);
             }
@@ -387,27 +387,20 @@ impl TinyVit {
         };
         let x = x + a;
         let (x, _) = block.local_conv.forward(x, side);
-        let m = block
-            .fc2
-            .forward(gelu(block.fc1.forward(block.mlp_norm.forward(x.clone())), false));
+        let m = block.fc2.forward(
+            block
+                .fc1
+                .forward_then(block.mlp_norm.forward(x.clone()), Some(Activation::GeluErf)),
+        );
         x + m
     }
 
     /// Attention within `[N, w², C]` windows, per-head `[q | k | v]` projections and the
     /// learned offset bias.
     fn attention(&self, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
-        let [n, s, c] = x.dims();
-        let (heads, kd) = (attn.heads, attn.key_dim);
-        let qkv = attn.qkv.forward(attn.norm.forward(x)).reshape([n, s, heads, 3 * kd]);
-        let part = |i: usize| {
-            qkv.clone()
-                .slice([0..n, 0..s, 0..heads, i * kd..(i + 1) * kd])
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (part(0), part(1), part(2));
-        let scores = gemm_bt(q, k) * (kd as f32).powf(-0.5) + attn.bias.clone().unsqueeze::<4>();
-        let o = gemm(softmax(scores), v);
-        attn.proj.forward(o.swap_dims(1, 2).reshape([n, s, c]))
+        let qkv = attn.qkv.forward(attn.norm.forward(x));
+        let o = attention_packed_qkv(qkv, attn.heads, (attn.key_dim as f32).powf(-0.5), &attn.bias);
+        attn.proj.forward(o)
     }
 
     /// The linear layers, for size accounting.
