@@ -297,7 +297,8 @@ mod avx2 {
     pub(super) const WIDTH: usize = 16;
     const ROWS: usize = 6;
     const K_CHUNK: usize = 256;
-    /// Activations a band of rows may hold: half of a 1 MB L2, the rest for panels and outputs.
+    /// Activations a band of rows may hold: an L2's worth on Zen 3 (512 KB), half of one on Zen 4;
+    /// the panel it meets streams from L1.
     const A_BAND_BYTES: usize = 512 * 1024;
     const MAX_BAND_ROWS: usize = 2048;
 
