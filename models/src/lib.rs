@@ -4,8 +4,6 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod clip;
-pub mod clip_preprocess;
-pub mod clip_tokenizer;
 pub mod diffusion;
 pub mod error;
 pub mod layers;

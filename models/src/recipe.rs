@@ -109,7 +109,7 @@ pub fn write_diffusers_folder(
     }
     let tokenizer = out.join("tokenizer");
     std::fs::create_dir_all(&tokenizer).map_err(io(&tokenizer))?;
-    crate::clip_tokenizer::ClipTokenizer::from_openai_bpe(bpe)
+    crate::clip::tokenizer::ClipTokenizer::from_openai_bpe(bpe)
         .and_then(|t| t.save_hf(&tokenizer))
         .map_err(|e| ModelError(e.to_string()))
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use divergen_kernels::testing::{devices, relative_error, to_vec};
 use divergen_models::clip::ClipTextModel;
-use divergen_models::clip_tokenizer::ClipTokenizer;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::diffusion::pipeline::{GenerateOptions, generate, read_latents};
 use divergen_models::layers::Quantization;
 use divergen_models::recipe;

@@ -6,9 +6,9 @@ use burn::tensor::{Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::clip::ClipConfig;
+use divergen_models::clip::preprocess::pixel_values_sized;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization, normalize};
-use divergen_models::clip_preprocess::pixel_values_sized;
-use divergen_models::clip_tokenizer::ClipTokenizer;
 use divergen_runtime::pipeline::filtering::rows;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use burn::tensor::Device;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization};
-use divergen_models::clip_tokenizer::ClipTokenizer;
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::filtering::{dot, embed_images, embed_texts};

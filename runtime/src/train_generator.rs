@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::clip::ClipTextModel;
-use divergen_models::clip_tokenizer::ClipTokenizer;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::layers::Quantization;
 use divergen_models::train::diffusion::{
     TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig, alphas_cumprod, write_pipeline_files,

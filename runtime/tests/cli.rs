@@ -153,7 +153,7 @@ fn clip_folder() -> tempfile::TempDir {
         reference["keys"].as_object().unwrap(),
     )
     .unwrap();
-    divergen_models::clip_tokenizer::ClipTokenizer::from_openai_bpe(&fixtures.join("bpe_simple_vocab_16e6.txt.gz"))
+    divergen_models::clip::tokenizer::ClipTokenizer::from_openai_bpe(&fixtures.join("bpe_simple_vocab_16e6.txt.gz"))
         .unwrap()
         .save_hf(dir.path())
         .unwrap();

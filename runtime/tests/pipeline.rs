@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use divergen_kernels::testing::devices;
-use divergen_models::clip_tokenizer::ClipTokenizer;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::recipe;
 use divergen_runtime::pipeline::config::RunConfig;
 use divergen_runtime::pipeline::{self, Destination, InstanceRecord};

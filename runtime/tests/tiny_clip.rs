@@ -4,8 +4,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::testing::devices;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization, normalize};
-use divergen_models::clip_tokenizer::ClipTokenizer;
 use divergen_models::train::clip::{Pair, TinyClip, TinyClipConfig, TrainOptions, save_hf, tokenize, train};
 use divergen_runtime::domain::render::{caption, white_render};
 use rand::SeedableRng;
@@ -40,7 +40,7 @@ fn pairs(n: usize, side: u32) -> Vec<Pair> {
         .map(|i| {
             let (img, _, a) = white_render(i % 6, side, &mut rng);
             Pair {
-                pixels: divergen_models::clip_preprocess::pixel_values_sized(&img, side),
+                pixels: divergen_models::clip::preprocess::pixel_values_sized(&img, side),
                 captions: vec![caption(&a, side as f64, i)],
             }
         })

@@ -19,7 +19,7 @@ use super::unet::{UNet, UNetConfig};
 use super::vae::{AutoencoderKlConfig, VaeDecoder};
 use crate::checkpoint::Checkpoint;
 use crate::clip::ClipTextModel;
-use crate::clip_tokenizer::ClipTokenizer;
+use crate::clip::tokenizer::ClipTokenizer;
 use crate::error::ModelError;
 use crate::layers::Quantization;
 

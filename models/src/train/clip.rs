@@ -12,7 +12,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use serde::Serialize;
 
-use crate::clip_tokenizer::{CONTEXT, ClipTokenizer};
+use crate::clip::tokenizer::{CONTEXT, ClipTokenizer};
 use crate::error::ModelError;
 use crate::train::{StateDict, by_tenth, learning_rate, scalar};
 

@@ -11,9 +11,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
+use divergen_models::clip::preprocess::pixel_values_sized;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, normalize};
-use divergen_models::clip_preprocess::pixel_values_sized;
-use divergen_models::clip_tokenizer::ClipTokenizer;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

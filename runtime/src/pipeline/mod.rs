@@ -29,7 +29,7 @@ use std::time::Instant;
 use burn::tensor::Device;
 use divergen_models::checkpoint::Checkpoint;
 use divergen_models::clip::Clip;
-use divergen_models::clip_tokenizer::ClipTokenizer;
+use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::diffusion::mix::GeneratorMix;
 use divergen_models::diffusion::pipeline::{Request, Residency, StableDiffusion, quantized_share};
 use divergen_models::layers::Quantization;

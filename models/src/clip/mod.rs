@@ -5,7 +5,12 @@
 //! the end-of-text token's state, projection.
 //!
 //! Linear layers run through our GEMM (or int8/int4 weight-only GEMM when quantized at load);
-//! vision attention through our fused attention kernel; norms through our layer norm.
+//! vision attention through our fused attention kernel; norms through our layer norm. Beside
+//! the model: `tokenizer.rs` (CLIP's byte-level BPE) and `preprocess.rs` (transformers'
+//! resize, crop and normalisation).
+
+pub mod preprocess;
+pub mod tokenizer;
 
 use std::path::Path;
 
