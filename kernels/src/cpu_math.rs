@@ -96,6 +96,29 @@ macro_rules! dispatch_simd {
 }
 pub(crate) use dispatch_simd;
 
+/// Stores two ymm registers (16 floats) to `dst`, or only their first `lanes` values when the
+/// row ends sooner: the partial tile store shared by the AVX2 micro-kernels.
+///
+/// # Safety
+/// AVX must be present; `dst` must be valid for `lanes.min(16)` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn store_ymm_pair(dst: *mut f32, sums: [std::arch::x86_64::__m256; 2], lanes: usize) {
+    use std::arch::x86_64::_mm256_storeu_ps;
+    // SAFETY: the caller's contract; the staging row holds 16 floats.
+    unsafe {
+        if lanes >= 16 {
+            _mm256_storeu_ps(dst, sums[0]);
+            _mm256_storeu_ps(dst.add(8), sums[1]);
+        } else {
+            let mut staged = [0f32; 16];
+            _mm256_storeu_ps(staged.as_mut_ptr(), sums[0]);
+            _mm256_storeu_ps(staged.as_mut_ptr().add(8), sums[1]);
+            std::ptr::copy_nonoverlapping(staged.as_ptr(), dst, lanes);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")

@@ -102,25 +102,32 @@ dispatch_simd!(softmax_block, fn(row: &mut [f32], scale: f32, bias: Option<(&[f3
     let block_max = cpu_math::lane_max(row, f32::NEG_INFINITY, |x| x);
     let new_max = max.max(block_max);
     let rescale = cpu_math::exp(*max - new_max);
-    let mut sums = [0f32; 16];
-    let mut chunks = row.chunks_exact_mut(16);
-    for chunk in &mut chunks {
-        for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
-            *x = cpu_math::exp(*x - new_max);
-            *s += *x;
-        }
-    }
-    let mut block_sum = 0f32;
-    for x in chunks.into_remainder() {
-        *x = cpu_math::exp(*x - new_max);
-        block_sum += *x;
-    }
-    block_sum += sums.iter().sum::<f32>();
-    *sum = *sum * rescale + block_sum;
+    *sum = *sum * rescale + exp_and_sum(row, new_max);
     *max = new_max;
     // On the first block the old maximum is −∞ and the factor ~1e-38: it scales zeros.
     rescale
 });
+
+/// `row[j] = exp(row[j] − max)`, returning their sum, in 16 independent lanes so the loop
+/// vectorizes (a single running sum would chain every addition). Inlined into each ISA's build
+/// of its callers.
+#[inline(always)]
+fn exp_and_sum(row: &mut [f32], max: f32) -> f32 {
+    let mut sums = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        for (sum, x) in sums.iter_mut().zip(chunk.iter_mut()) {
+            *x = cpu_math::exp(*x - max);
+            *sum += *x;
+        }
+    }
+    let mut tail = 0f32;
+    for x in chunks.into_remainder() {
+        *x = cpu_math::exp(*x - max);
+        tail += *x;
+    }
+    tail + sums.iter().sum::<f32>()
+}
 
 /// Attention straight from a QKV projection's output, with a full additive bias per head, as
 /// TinyViT's windows use it: `qkv [windows, s, heads, 3·d]` (each head's `[q | k | v]` side by
@@ -204,20 +211,7 @@ dispatch_simd!(window_head, fn(window: &[f32], dst: &mut [f32], keys_t: &[f32], 
         }
         let live = &mut scores[..s];
         let max = cpu_math::lane_max(live, f32::NEG_INFINITY, |x| x);
-        let mut sums = [0f32; 16];
-        let mut chunks = live.chunks_exact_mut(16);
-        for chunk in &mut chunks {
-            for (sum, x) in sums.iter_mut().zip(chunk.iter_mut()) {
-                *x = cpu_math::exp(*x - max);
-                *sum += *x;
-            }
-        }
-        let mut sum = 0f32;
-        for x in chunks.into_remainder() {
-            *x = cpu_math::exp(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / (sum + sums.iter().sum::<f32>());
+        let inv = 1.0 / exp_and_sum(live, max);
         let o = &mut dst[i * c + h * d..][..d];
         let mut t0 = 0;
         while t0 + VALUE_RUN <= d {

@@ -344,18 +344,7 @@ mod direct {
             let lanes = (valid - run * RUN).min(RUN);
             for (r, sums) in acc.iter().enumerate().take(bias.len()) {
                 // SAFETY: the caller's tile holds `valid` pixels of `bias.len()` channel rows.
-                unsafe {
-                    let dst = out.add(r * pixels + run * RUN);
-                    if lanes == RUN {
-                        _mm256_storeu_ps(dst, sums[0]);
-                        _mm256_storeu_ps(dst.add(8), sums[1]);
-                    } else {
-                        let mut staged = [0f32; RUN];
-                        _mm256_storeu_ps(staged.as_mut_ptr(), sums[0]);
-                        _mm256_storeu_ps(staged.as_mut_ptr().add(8), sums[1]);
-                        std::ptr::copy_nonoverlapping(staged.as_ptr(), dst, lanes);
-                    }
-                }
+                unsafe { crate::cpu_math::store_ymm_pair(out.add(r * pixels + run * RUN), *sums, lanes) };
             }
         }
     }

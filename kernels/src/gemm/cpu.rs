@@ -461,18 +461,7 @@ mod avx2 {
         }
         for (r, sums) in acc.iter().enumerate() {
             // SAFETY: as for the loads.
-            unsafe {
-                let dst = c.add(r * ldc);
-                if cols == WIDTH {
-                    _mm256_storeu_ps(dst, sums[0]);
-                    _mm256_storeu_ps(dst.add(8), sums[1]);
-                } else {
-                    let mut staged = [0f32; WIDTH];
-                    _mm256_storeu_ps(staged.as_mut_ptr(), sums[0]);
-                    _mm256_storeu_ps(staged.as_mut_ptr().add(8), sums[1]);
-                    std::ptr::copy_nonoverlapping(staged.as_ptr(), dst, cols);
-                }
-            }
+            unsafe { crate::cpu_math::store_ymm_pair(c.add(r * ldc), *sums, cols) };
         }
     }
 
