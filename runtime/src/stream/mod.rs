@@ -1,7 +1,6 @@
 //! The device side of the sample stream: a persistent outbox, byte transports, and the
 //! streamer that moves outbox samples to `divergen-host` exactly once.
 
-pub mod bench;
 pub mod outbox;
 pub mod streamer;
 pub mod synthetic;

@@ -9,8 +9,8 @@ use clap::Args;
 use divergen_protocol::{DeviceMessage, ImageData, Sample, decode_message, encode_message};
 use serde::Serialize;
 
-use super::synthetic::{self, ImageEncoding, SampleSpec};
-use super::{Outbox, OutboxConfig, StreamConfig, Streamer, transport};
+use divergen_runtime::stream::synthetic::{self, ImageEncoding, SampleSpec};
+use divergen_runtime::stream::{Outbox, OutboxConfig, StreamConfig, StreamStats, Streamer, transport};
 
 #[derive(Args, Debug)]
 pub struct StreamBenchArgs {
@@ -62,7 +62,7 @@ pub struct StreamBenchReport {
     pub producer_blocked_pushes: u64,
     /// Per sample, one core: what a device and a host spend besides the link.
     pub cpu_ms: CpuCosts,
-    pub link: super::StreamStats,
+    pub link: StreamStats,
 }
 
 #[derive(Serialize)]

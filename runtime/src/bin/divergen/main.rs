@@ -2,11 +2,15 @@
 
 mod bench;
 mod devices;
+mod domain;
 mod embed;
+mod eval;
 mod generate;
 mod png;
+mod report;
 mod run;
 mod segment;
+mod stream_bench;
 mod train;
 mod train_generator;
 
@@ -100,10 +104,10 @@ enum Command {
     /// paste onto real images; writes the dataset, the instance pool and a manifest.
     Run(run::RunArgs),
     /// PNGs of a finished run: contact sheets, CLIP score histogram, outlined samples.
-    Report(run::ReportArgs),
+    Report(report::ReportArgs),
     /// Write the procedural domain: LVIS-style scenes, white-background renders with captions,
     /// size statistics and prompt banks.
-    Domain(run::DomainArgs),
+    Domain(domain::DomainArgs),
     /// Train the embedded default's tiny models on the procedural domain (CPU, burn autodiff).
     Train {
         #[command(subcommand)]
@@ -112,7 +116,7 @@ enum Command {
     /// Measure the tiny models on the procedural domain's held-out data.
     Eval {
         #[command(subcommand)]
-        what: train::EvalCommand,
+        what: eval::EvalCommand,
     },
     /// SAM masks for point and box prompts on one image.
     Segment(segment::SegmentArgs),
@@ -131,7 +135,7 @@ enum Command {
 #[derive(Subcommand)]
 enum StreamCommand {
     /// Send synthetic samples (512x512, about 10 instances) to a host as fast as it acknowledges them.
-    Bench(divergen_runtime::stream::bench::StreamBenchArgs),
+    Bench(stream_bench::StreamBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -211,13 +215,13 @@ fn main() -> ExitCode {
         Command::Segment(args) => segment::run(&request, &args),
         Command::Generate(args) => generate::run(&request, &args),
         Command::Run(args) => run::run(&request, &args),
-        Command::Report(args) => run::report(&args),
-        Command::Domain(args) => run::domain(&args),
+        Command::Report(args) => report::run(&args),
+        Command::Domain(args) => domain::run(&args),
         Command::Train { what } => train::run_train(&request, &what),
-        Command::Eval { what } => train::run_eval(&request, &what),
+        Command::Eval { what } => eval::run(&request, &what),
         Command::Stream {
             what: StreamCommand::Bench(args),
-        } => divergen_runtime::stream::bench::run(&args),
+        } => stream_bench::run(&args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,4 @@
-//! `divergen run` and `divergen report`.
+//! `divergen run`.
 
 use std::path::PathBuf;
 
@@ -28,18 +28,6 @@ pub struct RunArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Print the run manifest as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct ReportArgs {
-    /// A finished run folder.
-    pub dir: PathBuf,
-    /// Pasted samples to draw.
-    #[arg(long, default_value_t = 4)]
-    pub samples: usize,
-    /// Print the written files as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -124,73 +112,6 @@ pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<(), String> {
             report.files.len(),
             args.out.join("report").display()
         );
-    }
-    Ok(())
-}
-
-pub fn report(args: &ReportArgs) -> Result<(), String> {
-    let files = pipeline::report::render(&args.dir, args.samples)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&files).map_err(|e| e.to_string())?);
-    } else {
-        for f in &files.files {
-            println!("{}", f.display());
-        }
-    }
-    Ok(())
-}
-
-#[derive(Args, Debug)]
-pub struct DomainArgs {
-    /// Output folder.
-    #[arg(long, default_value = "divergen-domain")]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Training scenes (the LVIS-style "real" dataset).
-    #[arg(long, default_value_t = 400)]
-    pub train_scenes: usize,
-    /// Held-out scenes.
-    #[arg(long, default_value_t = 80)]
-    pub val_scenes: usize,
-    /// White-background renders per category for training.
-    #[arg(long, default_value_t = 64)]
-    pub train_renders: usize,
-    /// Held-out white-background renders per category.
-    #[arg(long, default_value_t = 16)]
-    pub val_renders: usize,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub fn domain(args: &DomainArgs) -> Result<(), String> {
-    use divergen_runtime::domain::{DomainConfig, write};
-    let config = DomainConfig {
-        seed: args.seed,
-        train_scenes: args.train_scenes,
-        val_scenes: args.val_scenes,
-        train_renders_per_category: args.train_renders,
-        val_renders_per_category: args.val_renders,
-        ..Default::default()
-    };
-    let summary = write(&args.out, &config)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
-    } else {
-        println!(
-            "{}: {} categories; scenes {} train / {} val ({} / {} instances); {} white-background renders",
-            args.out.display(),
-            summary.categories,
-            summary.train_images,
-            summary.val_images,
-            summary.train_instances,
-            summary.val_instances,
-            summary.renders
-        );
-        for (f, lo, hi) in &summary.image_counts {
-            println!("  frequency {f}: {lo}–{hi} training images per category");
-        }
     }
     Ok(())
 }
