@@ -710,34 +710,8 @@ pub fn list_shards(out: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(shards)
 }
 
-pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
-    use image::ImageEncoder;
-    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-    let mut png = Vec::new();
-    PngEncoder::new_with_quality(&mut png, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(rgb, width, height, image::ExtendedColorType::Rgb8)
-        .expect("a validated RGB8 buffer encodes");
-    png
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path).map_err(|e| err(path, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| err(path, e))
-}
-
-/// temp-then-rename, with the data and the folder entry fsynced.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path).map_err(|e| err(path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err(dir, e))
-}
+use divergen_dataset::files::write_synced;
+pub use divergen_dataset::files::{encode_png, sync_dir, write_atomically};
 
 #[cfg(test)]
 mod tests {

@@ -59,10 +59,10 @@ pub fn prepare(root: &Path) -> Result<PathBuf, String> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         }
-        divergen_host::store::write_atomically(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        divergen_dataset::files::write_atomically(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let path = root.join("run.toml");
-    divergen_host::store::write_atomically(&path, RUN_TOML.as_bytes())
+    divergen_dataset::files::write_atomically(&path, RUN_TOML.as_bytes())
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
 }

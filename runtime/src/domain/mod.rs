@@ -285,7 +285,7 @@ pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary, String>
             }
         }
         let path = out.join("renders").join(format!("{name}.jsonl"));
-        divergen_host::store::write_atomically(&path, lines.as_bytes())
+        divergen_dataset::files::write_atomically(&path, lines.as_bytes())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let bank = out.join("prompt_bank");
@@ -305,7 +305,7 @@ pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary, String>
             }
         }
         let path = bank.join(format!("{}.txt", category_id(k)));
-        divergen_host::store::write_atomically(&path, (prompts.join("\n") + "\n").as_bytes())
+        divergen_dataset::files::write_atomically(&path, (prompts.join("\n") + "\n").as_bytes())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     write_json(

@@ -224,7 +224,7 @@ pub fn real_bank(
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
     let bytes = serde_json::to_vec(&bank).map_err(|e| e.to_string())?;
-    divergen_host::store::write_atomically(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    divergen_dataset::files::write_atomically(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((bank, stats))
 }
 

@@ -715,7 +715,7 @@ pub fn run(
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let png = encode_rgba(&instance.crop)?;
             let path = out.join(&rel);
-            divergen_host::store::write_atomically(&path, &png).map_err(|e| format!("{}: {e}", path.display()))?;
+            divergen_dataset::files::write_atomically(&path, &png).map_err(|e| format!("{}: {e}", path.display()))?;
             record.crop = Some(rel);
             let done = Finished {
                 record,
@@ -966,7 +966,7 @@ fn to_sample(
         },
         width: w,
         height: h,
-        image: ImageData::Png(divergen_host::store::encode_png(w, h, image.as_raw())),
+        image: ImageData::Png(divergen_dataset::files::encode_png(w, h, image.as_raw())),
         instances,
         neg_category_ids: negative_categories(entry, layers),
         not_exhaustive_category_ids: entry.not_exhaustive_category_ids.clone(),
@@ -996,7 +996,7 @@ fn encode_rgba(image: &image::RgbaImage) -> Result<Vec<u8>, String> {
 
 pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), String> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
-    divergen_host::store::write_atomically(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+    divergen_dataset::files::write_atomically(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// X-Paste's pool file: 0-based category index → `*`-prefixed paths of pre-cropped RGBA

@@ -87,7 +87,7 @@ fn save(image: &RgbImage, path: &Path) -> Result<(), String> {
     image
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| e.to_string())?;
-    divergen_host::store::write_atomically(path, &png).map_err(|e| format!("{}: {e}", path.display()))
+    divergen_dataset::files::write_atomically(path, &png).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Kept instances on the left (green frames), rejected on the right (red), best score first;

@@ -2,9 +2,8 @@
 //! partly occluding objects), used by `divergen stream bench` and the stream tests. Each sample
 //! is a pure function of (spec, seq), so a receiver can regenerate and compare what it got.
 
+use divergen_dataset::files::encode_png;
 use divergen_protocol::{Category, CategoryTable, Frequency, ImageData, Instance, Origin, Provenance, Rle, Sample};
-use image::ImageEncoder;
-use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -169,15 +168,6 @@ pub fn sample(spec: &SampleSpec, seq: u64) -> Sample {
         not_exhaustive_category_ids: instances.first().map(|i| vec![i.category_id]).unwrap_or_default(),
         instances,
     }
-}
-
-/// Fast PNG settings: a device spends its CPU on the models, not on compression ratio.
-pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
-    let mut png = Vec::new();
-    PngEncoder::new_with_quality(&mut png, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(rgb, width, height, image::ExtendedColorType::Rgb8)
-        .expect("encoding a well-sized RGB8 buffer into memory cannot fail");
-    png
 }
 
 #[cfg(test)]

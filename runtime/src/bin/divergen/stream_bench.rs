@@ -121,7 +121,7 @@ pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
     let cpu = CpuCosts {
         png_encode: mean_ms(&raw, |s| {
             if let ImageData::Rgb8(rgb) = &s.image {
-                std::hint::black_box(synthetic::encode_png(s.width, s.height, rgb));
+                std::hint::black_box(divergen_dataset::files::encode_png(s.width, s.height, rgb));
             }
         }),
         frame_encode: mean_ms(&pool, |s| {
