@@ -1,12 +1,8 @@
-//! The host side of divergen's sample stream: accept devices, store their samples exactly once
-//! in LVIS/COCO shards, verify what was written, and serve it to a burn trainer.
+//! The host side of divergen's sample stream: accept devices and store their samples exactly
+//! once in LVIS/COCO shards. The shard format itself (writer, reader, verifier) is
+//! `divergen-dataset`, shared with devices that write locally; it is re-exported here.
 
-pub mod coco;
-pub mod dataset;
 pub mod server;
-pub mod store;
-pub mod verify;
 
-pub use dataset::ShardDataset;
+pub use divergen_dataset::{ShardDataset, Store, StoreConfig, coco, dataset, store, verify};
 pub use server::{Server, ServerConfig, ServerStats};
-pub use store::{Store, StoreConfig};

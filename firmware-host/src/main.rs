@@ -58,7 +58,8 @@ enum Command {
 fn main() -> ExitCode {
     // The host's own lines (connections, shards) at info; dependencies only warnings.
     env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,divergen_host=info,divergen_protocol=info"),
+        env_logger::Env::default()
+            .default_filter_or("warn,divergen_host=info,divergen_dataset=info,divergen_protocol=info"),
     )
     .init();
     let result = match Cli::parse().command {

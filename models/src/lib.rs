@@ -10,4 +10,3 @@ pub mod layers;
 pub mod recipe;
 pub mod resize;
 pub mod sam;
-pub mod train;

@@ -6,7 +6,6 @@
 
 pub mod render;
 pub mod shapes;
-pub mod training;
 
 use std::collections::BTreeMap;
 use std::path::Path;

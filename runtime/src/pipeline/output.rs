@@ -8,8 +8,8 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use divergen_host::store::SessionKey;
-use divergen_host::{Store, StoreConfig};
+use divergen_dataset::store::SessionKey;
+use divergen_dataset::{Store, StoreConfig};
 use divergen_protocol::{CategoryTable, Sample};
 use serde::Serialize;
 

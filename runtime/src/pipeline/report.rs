@@ -62,7 +62,7 @@ pub fn render(dir: &Path, samples: usize) -> Result<ReportFiles, String> {
     let dataset = dir.join("dataset");
     if dataset.exists() {
         use burn_dataset::Dataset;
-        let shards = divergen_host::ShardDataset::open(&dataset).map_err(|e| e.to_string())?;
+        let shards = divergen_dataset::ShardDataset::open(&dataset).map_err(|e| e.to_string())?;
         for i in 0..shards.len().min(samples) {
             let sample = shards.get(i).map_err(|e| e.to_string())?;
             let path = out.join(format!("sample-{i:03}.png"));

@@ -3,30 +3,14 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Tensor, TensorData};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::clip::ClipConfig;
 use divergen_models::clip::preprocess::pixel_values_sized;
 use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization, normalize};
+use divergen_runtime::cli::QuantArg;
 use divergen_runtime::pipeline::filtering::rows;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum QuantArg {
-    None,
-    Int8,
-    Int4,
-}
-
-impl From<QuantArg> for Quantization {
-    fn from(q: QuantArg) -> Self {
-        match q {
-            QuantArg::None => Quantization::None,
-            QuantArg::Int8 => Quantization::Int8,
-            QuantArg::Int4 => Quantization::Int4,
-        }
-    }
-}
 
 /// "12.3 MiB → 3.4 MiB (int8)": the linear layers' size before and after quantization.
 pub fn size_line((now, f32): (usize, usize), quant: Quantization) -> String {

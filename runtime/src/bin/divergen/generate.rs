@@ -8,7 +8,7 @@ use divergen_models::diffusion::pipeline::{GenerateOptions, generate_observed, l
 use divergen_models::diffusion::scheduler::SchedulerKind;
 use divergen_models::layers::Quantization;
 
-use crate::embed::QuantArg;
+use divergen_runtime::cli::QuantArg;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

@@ -4,21 +4,17 @@ mod bench;
 mod devices;
 mod domain;
 mod embed;
-mod eval;
 mod generate;
 mod png;
 mod report;
 mod run;
 mod segment;
 mod stream_bench;
-mod train;
-mod train_generator;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use divergen_kernels::device::{DeviceRequest, LimitsProfile};
-use divergen_kernels::variants::KernelFamily;
+use clap::{Parser, Subcommand};
+use divergen_runtime::cli::{DeviceArgs, log_filter};
 
 #[derive(Parser)]
 #[command(
@@ -35,57 +31,6 @@ struct Cli {
     device: DeviceArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-/// Device selection; each flag falls back to its environment variable.
-#[derive(Args, Clone)]
-struct DeviceArgs {
-    /// Adapter to use: its index in `divergen devices`, or part of its name.
-    #[arg(long, global = true, env = "DIVERGEN_ADAPTER")]
-    adapter: Option<String>,
-    /// `auto` (default): the best GPU adapter, or the native CPU engine when the only adapters
-    /// are CPU rasterizers (lavapipe) or there are none. `cpu`: the CPU engine. `vulkan`, `metal`,
-    /// `dx12`: that API's best adapter, a rasterizer included. `gpu`: any API's best adapter.
-    #[arg(long, global = true, env = "DIVERGEN_BACKEND")]
-    backend: Option<String>,
-    /// Threads of the native CPU engine (default: `RAYON_NUM_THREADS`, else one per core).
-    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
-    /// `adapter` (all the adapter offers) or `mobile` (WebGPU's defaults, what phones guarantee).
-    #[arg(long, global = true, env = "DIVERGEN_LIMITS", default_value = "adapter")]
-    limits: String,
-    /// Fail instead of running the CPU engine when no adapter exists (a rasterizer counts).
-    #[arg(long, global = true, env = "DIVERGEN_REQUIRE_GPU", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
-    require_gpu: bool,
-    /// Kernel variants: `auto` (what suits the adapter), `cpu` (register tiles, what lavapipe
-    /// rewards) or `gpu` (workgroup-memory tiles, subgroups, f16 math, packed int8 dots, each
-    /// where the device offers it). `DIVERGEN_VARIANT_<KERNEL>` overrides one kernel.
-    #[arg(long, global = true, env = "DIVERGEN_KERNELS", default_value = "auto")]
-    kernels: String,
-    /// Create the device with a storage-binding limit below the adapter's (bytes): to see what a
-    /// device with smaller bindings would split or refuse.
-    #[arg(long, global = true, env = "DIVERGEN_MAX_BINDING_BYTES")]
-    max_binding_bytes: Option<String>,
-}
-
-impl DeviceArgs {
-    fn request(&self) -> Result<DeviceRequest, String> {
-        Ok(DeviceRequest {
-            adapter: self.adapter.clone().filter(|s| !s.trim().is_empty()),
-            backend: self.backend.clone().filter(|s| !s.trim().is_empty()),
-            limits: self.limits.parse::<LimitsProfile>().map_err(|e| e.to_string())?,
-            require_gpu: self.require_gpu,
-            kernels: self.kernels.parse::<KernelFamily>().map_err(|e| e.to_string())?,
-            max_binding_bytes: self
-                .max_binding_bytes
-                .as_deref()
-                .filter(|s| !s.trim().is_empty())
-                .map(divergen_kernels::device::parse_binding_bytes)
-                .transpose()
-                .map_err(|e| e.to_string())?,
-            threads: self.threads.map(usize::from),
-        })
-    }
 }
 
 #[derive(Subcommand)]
@@ -108,16 +53,6 @@ enum Command {
     /// Write the procedural domain: LVIS-style scenes, white-background renders with captions,
     /// size statistics and prompt banks.
     Domain(domain::DomainArgs),
-    /// Train the embedded default's tiny models on the procedural domain (CPU, burn autodiff).
-    Train {
-        #[command(subcommand)]
-        what: train::TrainCommand,
-    },
-    /// Measure the tiny models on the procedural domain's held-out data.
-    Eval {
-        #[command(subcommand)]
-        what: eval::EvalCommand,
-    },
     /// SAM masks for point and box prompts on one image.
     Segment(segment::SegmentArgs),
     /// The sample stream to a host.
@@ -173,27 +108,6 @@ fn negative_values_attached(args: impl Iterator<Item = std::ffi::OsString>) -> V
     out
 }
 
-/// Our crates log at info and dependencies (wgpu, cubecl's autotune, naga) only warnings, unless
-/// `-v` asks for more.
-fn log_filter(verbose: u8) -> String {
-    let ours = [
-        "divergen",
-        "divergen_runtime",
-        "divergen_models",
-        "divergen_kernels",
-        "divergen_host",
-    ];
-    let (own, deps) = match verbose {
-        0 => ("info", "warn"),
-        1 => ("debug", "info"),
-        _ => ("trace", "debug"),
-    };
-    std::iter::once(deps.to_string())
-        .chain(ours.iter().map(|c| format!("{c}={own}")))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn main() -> ExitCode {
     // Mesa's device-selection layer opens a Wayland/X11 connection to rank GPUs and prints
     // "XDG_RUNTIME_DIR is invalid" on headless machines; divergen ranks adapters itself.
@@ -217,8 +131,6 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&request, &args),
         Command::Report(args) => report::run(&args),
         Command::Domain(args) => domain::run(&args),
-        Command::Train { what } => train::run_train(&request, &what),
-        Command::Eval { what } => eval::run(&request, &what),
         Command::Stream {
             what: StreamCommand::Bench(args),
         } => stream_bench::run(&args),

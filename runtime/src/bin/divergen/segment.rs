@@ -9,7 +9,9 @@ use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::sam::{Point, PointLabel, Prompt, Quantization, Sam};
 use image::GrayImage;
 
-use crate::embed::{QuantArg, size_line};
+use divergen_runtime::cli::QuantArg;
+
+use crate::embed::size_line;
 
 #[derive(Args, Debug)]
 pub struct SegmentArgs {

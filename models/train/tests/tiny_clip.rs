@@ -6,8 +6,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::testing::devices;
 use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization, normalize};
-use divergen_models::train::clip::{Pair, TinyClip, TinyClipConfig, TrainOptions, save_hf, tokenize, train};
 use divergen_runtime::domain::render::{caption, white_render};
+use divergen_train::clip::{Pair, TinyClip, TinyClipConfig, TrainOptions, save_hf, tokenize, train};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

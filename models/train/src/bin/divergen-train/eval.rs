@@ -1,13 +1,13 @@
-//! `divergen eval …`: the embedded default's tiny models measured on the procedural domain's
+//! `divergen-train eval …`: the embedded default's tiny models measured on the procedural domain's
 //! held-out data, through the pipeline's own loaders.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use divergen_kernels::device::{DeviceRequest, open};
-use divergen_runtime::eval;
+use divergen_train::eval;
 
-use crate::embed::QuantArg;
+use divergen_runtime::cli::QuantArg;
 
 #[derive(Subcommand)]
 pub enum EvalCommand {

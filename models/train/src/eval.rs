@@ -1,4 +1,4 @@
-//! `divergen eval`: the embedded default's quality bars, measured on the procedural domain's
+//! `divergen-train eval`: the embedded default's quality bars, measured on the procedural domain's
 //! held-out data through the same loaders and kernels the pipeline uses.
 
 use std::path::Path;
@@ -8,9 +8,9 @@ use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization};
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::filtering::{dot, embed_images, embed_texts};
+use divergen_runtime::pipeline::filtering::{dot, embed_images, embed_texts};
 
-pub use crate::domain::RenderRecord as Render;
+pub use divergen_runtime::domain::RenderRecord as Render;
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct Category {
@@ -145,7 +145,7 @@ pub fn iou(a: &[bool], b: &[bool]) -> f64 {
 }
 
 /// The mask stage 2 keeps, at the image's size: the crop's alpha placed back at its box.
-pub fn annotated_mask(a: &crate::pipeline::annotation::Annotated, w: usize, h: usize) -> Vec<bool> {
+pub fn annotated_mask(a: &divergen_runtime::pipeline::annotation::Annotated, w: usize, h: usize) -> Vec<bool> {
     let mut mask = vec![false; w * h];
     let [x0, y0, _, _] = a.bbox.map(|v| v as usize);
     for (x, y, p) in a.crop.enumerate_pixels() {
@@ -165,9 +165,9 @@ pub fn sam_quality(
     quant: Quantization,
     device: &Device,
 ) -> Result<SamQuality, String> {
-    use crate::pipeline::annotation::{corner_prompt, instance_from_background};
-    use crate::pipeline::real_data::RealDataset;
     use divergen_models::sam::{Prompt, Sam};
+    use divergen_runtime::pipeline::annotation::{corner_prompt, instance_from_background};
+    use divergen_runtime::pipeline::real_data::RealDataset;
     let stride = stride.max(1);
     let categories = read_categories(domain)?;
     let sam = Sam::load(sam_path, quant, device).map_err(|e| e.to_string())?;
@@ -211,7 +211,9 @@ pub fn sam_quality(
         let embedding = sam.embed_image(&image).map_err(|e| e.to_string())?;
         for a in &img.annotations {
             let truth = a.segmentation.to_mask(w, h)?;
-            let Some([x0, y0, bw, bh]) = crate::pipeline::annotation::tight_box(&truth, w as usize, h as usize) else {
+            let Some([x0, y0, bw, bh]) =
+                divergen_runtime::pipeline::annotation::tight_box(&truth, w as usize, h as usize)
+            else {
                 continue;
             };
             let prompt = Prompt {
@@ -288,8 +290,8 @@ pub struct GeneratorEval<'a> {
 /// Generates `per_category` images per category from its prompt bank (round-robin), then
 /// measures recognition and within-category diversity with the CLIP.
 pub fn generator_quality(e: &GeneratorEval, device: &Device) -> Result<GeneratorQuality, String> {
-    use crate::pipeline::filtering::mean_pairwise_distance;
     use divergen_models::diffusion::pipeline::{Request, StableDiffusion};
+    use divergen_runtime::pipeline::filtering::mean_pairwise_distance;
     let start = std::time::Instant::now();
     let categories = read_categories(e.domain)?;
     let mut sd = StableDiffusion::open(e.generator, &e.options, device).map_err(|x| x.to_string())?;
@@ -305,7 +307,7 @@ pub fn generator_quality(e: &GeneratorEval, device: &Device) -> Result<Generator
             .map(|i| Request {
                 prompt: prompts[i % prompts.len()].to_string(),
                 negative_prompt: String::new(),
-                seed: crate::pipeline::mix_seed(0xe7a1, k as u64, i as u64),
+                seed: divergen_runtime::pipeline::mix_seed(0xe7a1, k as u64, i as u64),
                 latents: None,
             })
             .collect();

@@ -3,16 +3,16 @@
 //! point prompts on their (occluded) instances. Seeds come from streams disjoint from the
 //! domain's written splits, so the held-out renders and scenes are never trained on.
 
+use crate::sam::{PromptTarget, SamExample, Supervise, TinySamConfig, TrainPoint, low_res_target};
 use divergen_models::sam::preprocess::{prepare, preprocess_shape};
-use divergen_models::train::sam::{PromptTarget, SamExample, Supervise, TinySamConfig, TrainPoint, low_res_target};
 use image::{Rgb, RgbImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::render::white_render;
-use super::shapes::SHAPES;
-use super::{DomainConfig, scene};
-use crate::pipeline::mix_seed;
+use divergen_runtime::domain::render::white_render;
+use divergen_runtime::domain::shapes::SHAPES;
+use divergen_runtime::domain::{DomainConfig, scene};
+use divergen_runtime::pipeline::mix_seed;
 
 /// The split numbers `divergen domain` writes are 1–4; training draws from these.
 const TRAIN_SCENES: u64 = 11;

@@ -6,12 +6,12 @@ use burn::tensor::Device;
 use divergen_kernels::testing::devices;
 use divergen_models::sam::preprocess::prepare;
 use divergen_models::sam::{Point, PointLabel, Prompt, Quantization, Sam};
-use divergen_models::train::sam::{
-    PromptTarget, SamExample, SamTrainOptions, Supervise, TinySam, TinySamConfig, TrainPoint, train,
-};
 use divergen_runtime::domain::DomainConfig;
 use divergen_runtime::domain::render::white_render;
-use divergen_runtime::domain::training::sam_example;
+use divergen_train::sam::{
+    PromptTarget, SamExample, SamTrainOptions, Supervise, TinySam, TinySamConfig, TrainPoint, train,
+};
+use divergen_train::sam_examples::sam_example;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

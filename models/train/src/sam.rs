@@ -1,5 +1,5 @@
 //! Training a tiny Segment Anything with burn's autodiff, in burn's own modules, then exporting
-//! it with `segment_anything`'s state-dict keys so [`crate::sam::Sam::load`] reads it as it
+//! it with `segment_anything`'s state-dict keys so [`divergen_models::sam::Sam::load`] reads it as it
 //! reads `sam_vit_b_01ec64.pth`.
 //!
 //! The architecture is SAM's at a smaller size: a ViT encoder with windowed and global attention
@@ -19,8 +19,8 @@ use burn::tensor::activation::{gelu, log_sigmoid, relu, sigmoid, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::error::ModelError;
-use crate::train::{StateDict, by_tenth, learning_rate, scalar};
+use crate::{StateDict, by_tenth, learning_rate, scalar};
+use divergen_models::error::ModelError;
 
 /// The tiny model's shape, in `_build_sam`'s terms.
 #[derive(Clone, Debug, Serialize)]
@@ -368,7 +368,7 @@ pub struct PromptTarget {
     pub supervise: Supervise,
 }
 
-/// One training image: preprocessed pixels `[3, S, S]` (`crate::sam::preprocess::prepare`) and
+/// One training image: preprocessed pixels `[3, S, S]` (`divergen_models::sam::preprocess::prepare`) and
 /// its prompts.
 pub struct SamExample {
     pub pixels: Vec<f32>,
@@ -380,7 +380,7 @@ pub struct SamExample {
 /// `ResizeLongestSide`.
 pub fn low_res_target(mask: &[bool], width: usize, height: usize, config: &TinySamConfig) -> (Vec<f32>, Vec<f32>) {
     let side = config.low_res();
-    let (ih, iw) = crate::sam::preprocess::preprocess_shape(height, width, config.img_size);
+    let (ih, iw) = divergen_models::sam::preprocess::preprocess_shape(height, width, config.img_size);
     let cell = config.img_size as f64 / side as f64;
     let (sx, sy) = (width as f64 / iw as f64, height as f64 / ih as f64);
     let mut target = vec![0f32; side * side];
@@ -513,7 +513,7 @@ impl TinySam {
 
     /// `_pe_encoding` of a point in [0, 1]².
     fn pe(&self, x: f64, y: f64) -> Vec<f32> {
-        crate::sam::prompt_encoder::random_fourier(&self.gaussian, [x, y])
+        divergen_models::sam::prompt_encoder::random_fourier(&self.gaussian, [x, y])
     }
 
     /// `get_dense_pe`: `[1, g², dim]`.

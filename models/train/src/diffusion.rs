@@ -17,8 +17,8 @@ use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::error::ModelError;
-use crate::train::StateDict;
+use crate::StateDict;
+use divergen_models::error::ModelError;
 
 fn conv(inp: usize, out: usize, k: usize, stride: usize, pad: usize, device: &Device) -> Conv2d {
     Conv2dConfig::new([inp, out], [k, k])
@@ -381,7 +381,7 @@ impl TinyVae {
 
     /// Weights from a `vae/` folder this model's `save` wrote, to resume training from.
     pub fn load(self, dir: &Path) -> Result<Self, ModelError> {
-        crate::train::load_exported(self, Self::state_dict, &dir.join("diffusion_pytorch_model.safetensors"))
+        crate::load_exported(self, Self::state_dict, &dir.join("diffusion_pytorch_model.safetensors"))
     }
 
     /// A diffusers `vae/` folder: `config.json` + `diffusion_pytorch_model.safetensors`.
@@ -711,7 +711,7 @@ impl TinyUnet {
 
     /// Weights from a `unet/` folder this model's `save` wrote, to resume training from.
     pub fn load(self, dir: &Path) -> Result<Self, ModelError> {
-        crate::train::load_exported(self, Self::state_dict, &dir.join("diffusion_pytorch_model.safetensors"))
+        crate::load_exported(self, Self::state_dict, &dir.join("diffusion_pytorch_model.safetensors"))
     }
 
     /// A diffusers `unet/` folder.

@@ -7,7 +7,7 @@ use divergen_kernels::testing::devices;
 use divergen_models::diffusion::unet::UNet;
 use divergen_models::diffusion::vae::VaeDecoder;
 use divergen_models::layers::Quantization;
-use divergen_models::train::diffusion::{TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig};
+use divergen_train::diffusion::{TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()

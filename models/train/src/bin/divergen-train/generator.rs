@@ -1,27 +1,66 @@
-//! `divergen train generator`: the embedded default's tiny Stable Diffusion. Phase 1 trains an
+//! `divergen-train generator`: the embedded default's tiny Stable Diffusion. Phase 1 trains an
 //! `AutoencoderKL` on fresh white-background renders; phase 2 trains a `UNet2DConditionModel`
 //! on their latents, conditioned on the tiny CLIP's text tower exactly as the pipeline will
 //! condition it (the folder's own `text_encoder/` and `tokenizer/`, through our loader).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::clip::ClipTextModel;
 use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::layers::Quantization;
-use divergen_models::train::diffusion::{
+use divergen_runtime::domain::shapes::SHAPES;
+use divergen_runtime::pipeline::mix_seed;
+use divergen_train::corpus::{caption_variants, fresh_render};
+use divergen_train::diffusion::{
     TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig, alphas_cumprod, write_pipeline_files,
 };
-use divergen_models::train::{StateDict, by_tenth, learning_rate, scalar};
-use divergen_runtime::domain::shapes::SHAPES;
-use divergen_runtime::eval;
-use divergen_runtime::pipeline::mix_seed;
+use divergen_train::eval;
+use divergen_train::{StateDict, by_tenth, learning_rate, scalar};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::train::{TrainGeneratorArgs, caption_variants, fresh_render};
+#[derive(Args, Debug)]
+pub struct TrainGeneratorArgs {
+    /// A folder written by `divergen domain` (category names and definitions).
+    #[arg(long, default_value = "divergen-domain")]
+    pub domain: PathBuf,
+    /// The CLIP folder whose text tower and tokenizer condition the UNet.
+    #[arg(long, default_value = "runtime/default/tiny-clip")]
+    pub clip: PathBuf,
+    /// Output: a diffusers StableDiffusionPipeline folder.
+    #[arg(long, default_value = "tiny-sd")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1500)]
+    pub vae_steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub vae_batch: usize,
+    #[arg(long, default_value_t = 3000)]
+    pub unet_steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub unet_batch: usize,
+    /// Renders encoded once after the VAE phase, that the UNet's batches are drawn from.
+    #[arg(long, default_value_t = 4096)]
+    pub latent_set: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Min-SNR-γ loss weighting for the UNet; 0 trains on plain ε MSE.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_snr_gamma: f64,
+    /// Decay of an exponential moving average of the UNet's weights; `unet/` then holds the
+    /// average and `unet-raw/` the last step's weights. 0 keeps no average.
+    #[arg(long, default_value_t = 0.0)]
+    pub ema_decay: f32,
+    /// A folder an earlier `divergen-train generator` wrote: its VAE is kept (phase 1 is skipped) and its
+    /// UNet trains `--unet-steps` further. May be `--out` itself.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
 
 /// Images per side: the domain's renders.
 const SIDE: u32 = 64;

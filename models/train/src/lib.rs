@@ -1,16 +1,21 @@
-//! Training the embedded default's tiny models with burn's autodiff on the CPU, exported in the
-//! layouts the real-model loaders read.
+//! `divergen-train`: the embedded default's tiny models trained with burn's autodiff on the CPU
+//! from the procedural domain, exported in the layouts the real-model loaders read, and measured
+//! on the domain's held-out data. Only this crate enables burn's `autodiff` and `optim`, so the
+//! device binary `divergen` links no training stack.
 
 pub mod clip;
+pub mod corpus;
 pub mod diffusion;
+pub mod eval;
 pub mod sam;
+pub mod sam_examples;
 
 use std::path::Path;
 
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::Tensor;
 
-use crate::error::ModelError;
+use divergen_models::error::ModelError;
 
 /// One exported tensor: state-dict key, shape, values.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
@@ -91,7 +96,7 @@ impl StateDict {
                     .map_err(|e| ModelError::at(path, format!("{k}: {e:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        crate::checkpoint::write_safetensors(views, path)
+        divergen_models::checkpoint::write_safetensors(views, path)
     }
 }
 
@@ -199,7 +204,7 @@ pub fn load_exported<M: burn::module::Module>(
             "a parameter of shape {big:?} is too large to tag with f32 positions"
         )));
     }
-    let checkpoint = crate::checkpoint::Checkpoint::open(path)?;
+    let checkpoint = divergen_models::checkpoint::Checkpoint::open(path)?;
     let mut values: Vec<Vec<f32>> = shapes.iter().map(|s| vec![f32::NAN; s.iter().product()]).collect();
     let mut filled: Vec<usize> = vec![0; shapes.len()];
     for ((key, shape, indices), (_, _, positions)) in by_index.0.iter().zip(&by_position.0) {

@@ -12,9 +12,9 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use serde::Serialize;
 
-use crate::clip::tokenizer::{CONTEXT, ClipTokenizer};
-use crate::error::ModelError;
-use crate::train::{StateDict, by_tenth, learning_rate, scalar};
+use crate::{StateDict, by_tenth, learning_rate, scalar};
+use divergen_models::clip::tokenizer::{CONTEXT, ClipTokenizer};
+use divergen_models::error::ModelError;
 
 /// The tiny model's shape; the fields mirror `CLIPConfig`'s.
 #[derive(Clone, Debug, Serialize)]

@@ -1,4 +1,4 @@
-//! The host's durable dataset writer.
+//! The durable LVIS/COCO shard writer, used by the host and by a device writing locally.
 //!
 //! Output folder:
 //! - `categories.json`: the category table pinned by the first device (or `--categories`);
@@ -13,20 +13,31 @@
 //! journal (sealed again after the next start), the published shard (a leftover journal for it
 //! is deleted), or both.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+//!
+//! The parts: `journal.rs` (the record format and its scan), `sealer.rs` (the thread that seals
+//! full journals in order), `shard.rs` (building, publishing and listing shards); this file is
+//! the store itself: recovery at start-up, commits, rotation.
+
+mod journal;
+mod sealer;
+mod shard;
+
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::sync::{Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use divergen_protocol::{CategoryTable, ImageData, Sample, crc32};
-use serde::{Deserialize, Serialize};
+use divergen_protocol::{CategoryTable, Sample};
+use serde::Serialize;
 
-use crate::coco::{self, CocoAnnotation, CocoCategory, CocoFile, CocoImage};
+pub use crate::files::{encode_png, sync_dir, write_atomically};
+pub use journal::list_journals;
+use journal::{journal_path, journal_record, scan_journal};
+use sealer::{SealJob, Sealer};
+pub use shard::{SessionRange, ShardIndex, list_shards};
 
 pub const CATEGORIES_FILE: &str = "categories.json";
 
@@ -41,24 +52,6 @@ pub struct StoreConfig {
 
 /// One (device, run): the unit sequence numbers count in.
 pub type SessionKey = (String, String);
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ShardIndex {
-    pub shard: u64,
-    pub samples: u64,
-    pub first_image_id: u64,
-    pub first_annotation_id: u64,
-    pub annotations: u64,
-    /// Per (device, run): the sequence number after the last sample this shard holds.
-    pub sessions: Vec<SessionRange>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SessionRange {
-    pub device_id: String,
-    pub run_id: String,
-    pub next_seq: u64,
-}
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct StoreStats {
@@ -101,120 +94,8 @@ fn err(path: &Path, what: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{}: {what}", path.display()))
 }
 
-/// A full journal waiting to become `shard-N`.
-struct SealJob {
-    out: PathBuf,
-    shard: u64,
-    journal: PathBuf,
-    first_image_id: u64,
-    first_annotation_id: u64,
-    categories: CategoryTable,
-    tar: bool,
-}
-
-#[derive(Default)]
-struct SealState {
-    queued: usize,
-    error: Option<String>,
-    sealed: u64,
-    time: Duration,
-}
-
-/// Seals shards on its own thread, in order, so a seal (thousands of fsyncs) never holds up
-/// the commits and acks of the devices.
-struct Sealer {
-    jobs: Option<Sender<SealJob>>,
-    thread: Option<JoinHandle<()>>,
-    state: Arc<(Mutex<SealState>, Condvar)>,
-}
-
-impl Sealer {
-    fn start() -> io::Result<Self> {
-        let (tx, rx) = channel::<SealJob>();
-        let state = Arc::new((Mutex::new(SealState::default()), Condvar::new()));
-        let shared = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("divergen-sealer".into())
-            .spawn(move || {
-                for job in rx {
-                    let started = Instant::now();
-                    let result = seal_journal(&job);
-                    let (lock, done) = &*shared;
-                    let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    state.queued -= 1;
-                    state.time += started.elapsed();
-                    match result {
-                        Ok(_) => state.sealed += 1,
-                        Err(e) => {
-                            log::error!(
-                                "sealing shard {} failed: {e}; its samples stay in the journal",
-                                job.shard
-                            );
-                            state.error.get_or_insert(e.to_string());
-                        }
-                    }
-                    done.notify_all();
-                }
-            })?;
-        Ok(Sealer {
-            jobs: Some(tx),
-            thread: Some(thread),
-            state,
-        })
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, SealState> {
-        self.state.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn submit(&self, job: SealJob) -> io::Result<()> {
-        self.state().queued += 1;
-        let jobs = self.jobs.as_ref().expect("sealer open while the store is");
-        jobs.send(job)
-            .map_err(|_| io::Error::other("the sealer thread is gone"))
-    }
-
-    /// Waits until every submitted shard is published; the first failure, if any.
-    fn wait(&self) -> io::Result<()> {
-        let (lock, done) = &*self.state;
-        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while state.queued > 0 {
-            state = done.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-        match &state.error {
-            Some(e) => Err(io::Error::other(e.clone())),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Sealer {
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn journal_path(out: &Path, shard: u64) -> PathBuf {
-    out.join(format!("journal-{shard:06}.log"))
-}
-
-/// `journal-N.log` files by shard number.
-pub fn list_journals(out: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut journals = Vec::new();
-    for entry in fs::read_dir(out).map_err(|e| err(out, e))? {
-        let path = entry.map_err(|e| err(out, e))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if let Some(n) = name.strip_prefix("journal-").and_then(|n| n.strip_suffix(".log"))
-            && let Ok(n) = n.parse::<u64>()
-        {
-            journals.push((n, path));
-        }
-    }
-    journals.sort();
-    Ok(journals)
+fn key(sample: &Sample) -> SessionKey {
+    (sample.provenance.device_id.clone(), sample.provenance.run_id.clone())
 }
 
 impl Store {
@@ -483,239 +364,10 @@ impl Store {
     }
 }
 
-/// Builds `shard-N.tmp/` from a full journal, fsyncs it, publishes it by renaming, then deletes
-/// the journal. Runs on the sealer thread.
-fn seal_journal(job: &SealJob) -> io::Result<usize> {
-    let out = &job.out;
-    let shard = job.shard;
-    let name = format!("shard-{shard:06}");
-    let tmp = out.join(format!("{name}.tmp"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
-    }
-    let images_dir = tmp.join("images");
-    fs::create_dir_all(&images_dir).map_err(|e| err(&images_dir, e))?;
-    let table = &job.categories;
-    let mut categories: BTreeMap<u32, CocoCategory> =
-        table.categories.iter().map(|c| (c.id, CocoCategory::new(c))).collect();
-    let mut images = Vec::new();
-    let mut annotations = Vec::new();
-    let mut sessions: BTreeMap<SessionKey, u64> = BTreeMap::new();
-    let mut made_dirs = HashSet::new();
-    let mut tar = match job.tar {
-        true => {
-            let path = out.join(format!("{name}.tar.tmp"));
-            Some((
-                tar::Builder::new(BufWriter::new(File::create(&path).map_err(|e| err(&path, e))?)),
-                path,
-            ))
-        }
-        false => None,
-    };
-    let (first_image_id, first_annotation_id) = (job.first_image_id, job.first_annotation_id);
-    let mut next_annotation_id = first_annotation_id;
-    let journal = File::open(&job.journal).map_err(|e| err(&job.journal, e))?;
-    scan_journal(&journal, &job.journal, |sample| {
-        let sample = &sample;
-        let image_id = first_image_id + images.len() as u64;
-        let file_name = coco::image_file_name(sample);
-        let png = match &sample.image {
-            ImageData::Png(png) => png.clone(),
-            ImageData::Rgb8(rgb) => encode_png(sample.width, sample.height, rgb),
-        };
-        let path = images_dir.join(&file_name);
-        let dir = path.parent().expect("image paths have a folder").to_path_buf();
-        if made_dirs.insert(dir.clone()) {
-            fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
-        }
-        let mut file = File::create(&path).map_err(|e| err(&path, e))?;
-        file.write_all(&png)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| err(&path, e))?;
-        let p = &sample.provenance;
-        let image = CocoImage {
-            id: image_id,
-            file_name,
-            width: sample.width,
-            height: sample.height,
-            neg_category_ids: sample.neg_category_ids.clone(),
-            not_exhaustive_category_ids: sample.not_exhaustive_category_ids.clone(),
-            device_id: p.device_id.clone(),
-            run_id: p.run_id.clone(),
-            seed: p.seed,
-            seq: p.seq,
-        };
-        let first_ann = next_annotation_id;
-        let mut seen_categories = HashSet::new();
-        for inst in &sample.instances {
-            annotations.push(CocoAnnotation::new(next_annotation_id, image_id, inst));
-            next_annotation_id += 1;
-            if let Some(c) = categories.get_mut(&inst.category_id) {
-                c.instance_count += 1;
-                if seen_categories.insert(inst.category_id) {
-                    c.image_count += 1;
-                }
-            }
-        }
-        if let Some((builder, path)) = tar.as_mut() {
-            // WebDataset: members sharing a key (the image id) form one sample.
-            let key = format!("{image_id:010}");
-            let meta = serde_json::json!({
-                "image": &image,
-                "annotations": &annotations[(first_ann - first_annotation_id) as usize..],
-            });
-            let meta = serde_json::to_vec(&meta).map_err(|e| err(path, e))?;
-            for (member, data) in [(format!("{key}.png"), &png), (format!("{key}.json"), &meta)] {
-                let mut header = tar::Header::new_gnu();
-                header.set_size(data.len() as u64);
-                header.set_mode(0o644);
-                header.set_cksum();
-                builder
-                    .append_data(&mut header, &member, data.as_slice())
-                    .map_err(|e| err(path, e))?;
-            }
-        }
-        sessions.insert(key(sample), p.seq + 1);
-        images.push(image);
-        Ok(())
-    })?;
-    let samples = images.len();
-    let file = CocoFile {
-        info: coco::Info {
-            description: "divergen: DiverGen instance-paste samples streamed from devices".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            shard,
-        },
-        licenses: Vec::new(),
-        categories: categories.into_values().collect(),
-        images,
-        annotations,
-    };
-    let index = ShardIndex {
-        shard,
-        samples: samples as u64,
-        first_image_id,
-        first_annotation_id,
-        annotations: next_annotation_id - first_annotation_id,
-        sessions: sessions
-            .into_iter()
-            .map(|((device_id, run_id), next_seq)| SessionRange {
-                device_id,
-                run_id,
-                next_seq,
-            })
-            .collect(),
-    };
-    write_synced(
-        &tmp.join("annotations.json"),
-        &serde_json::to_vec(&file).map_err(|e| err(&tmp, e))?,
-    )?;
-    write_synced(
-        &tmp.join("index.json"),
-        &serde_json::to_vec_pretty(&index).map_err(|e| err(&tmp, e))?,
-    )?;
-    // The run folders, then the device folders above them.
-    let parents: HashSet<PathBuf> = made_dirs
-        .iter()
-        .filter_map(|d| d.parent().map(Path::to_path_buf))
-        .collect();
-    for dir in made_dirs.iter().chain(&parents) {
-        sync_dir(dir)?;
-    }
-    sync_dir(&images_dir)?;
-    sync_dir(&tmp)?;
-    if let Some((builder, path)) = tar {
-        let file = builder.into_inner().map_err(|e| err(&path, e))?;
-        file.into_inner()
-            .map_err(|e| err(&path, e.error()))?
-            .sync_all()
-            .map_err(|e| err(&path, e))?;
-        fs::rename(&path, out.join(format!("{name}.tar"))).map_err(|e| err(&path, e))?;
-    }
-    let published = out.join(&name);
-    fs::rename(&tmp, &published).map_err(|e| err(&published, e))?;
-    sync_dir(out)?;
-    // Only now may the journal go.
-    fs::remove_file(&job.journal).map_err(|e| err(&job.journal, e))?;
-    sync_dir(out)?;
-    log::info!("sealed {} ({samples} samples)", published.display());
-    Ok(samples)
-}
-
-fn key(sample: &Sample) -> SessionKey {
-    (sample.provenance.device_id.clone(), sample.provenance.run_id.clone())
-}
-
-fn journal_record(sample: &Sample) -> Vec<u8> {
-    let body = postcard::to_allocvec(sample).expect("serialising to a Vec cannot fail");
-    let mut record = Vec::with_capacity(body.len() + 8);
-    record.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    record.extend_from_slice(&crc32(&body).to_le_bytes());
-    record.extend_from_slice(&body);
-    record
-}
-
-/// Streams every intact record to `each`; returns the intact and total byte lengths (a torn
-/// tail is where they differ).
-fn scan_journal(journal: &File, path: &Path, mut each: impl FnMut(Sample) -> io::Result<()>) -> io::Result<(u64, u64)> {
-    use std::io::{BufReader, Seek};
-    let total = journal.metadata().map_err(|e| err(path, e))?.len();
-    let mut reader = journal.try_clone().map_err(|e| err(path, e))?;
-    reader.seek(io::SeekFrom::Start(0)).map_err(|e| err(path, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, reader);
-    let mut offset = 0u64;
-    let mut body = Vec::new();
-    while offset + 8 <= total {
-        let mut header = [0u8; 8];
-        reader.read_exact(&mut header).map_err(|e| err(path, e))?;
-        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as u64;
-        let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-        if offset + 8 + len > total {
-            break;
-        }
-        body.resize(len as usize, 0);
-        reader.read_exact(&mut body).map_err(|e| err(path, e))?;
-        if crc32(&body) != crc {
-            break;
-        }
-        let sample: Sample = postcard::from_bytes(&body).map_err(|e| {
-            err(
-                path,
-                format!("record at byte {offset} passed its CRC but does not decode: {e}"),
-            )
-        })?;
-        each(sample)?;
-        offset += 8 + len;
-    }
-    Ok((offset, total))
-}
-
-/// Shard folders (`shard-N` and unfinished `shard-N.tmp`) by number.
-pub fn list_shards(out: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut shards = Vec::new();
-    for entry in fs::read_dir(out).map_err(|e| err(out, e))? {
-        let entry = entry.map_err(|e| err(out, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("shard-") else {
-            continue;
-        };
-        let number = rest.strip_suffix(".tmp").unwrap_or(rest);
-        if entry.file_type().map_err(|e| err(out, e))?.is_dir()
-            && let Ok(n) = number.parse::<u64>()
-        {
-            shards.push((n, entry.path()));
-        }
-    }
-    shards.sort();
-    Ok(shards)
-}
-
-use divergen_dataset::files::write_synced;
-pub use divergen_dataset::files::{encode_png, sync_dir, write_atomically};
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use divergen_protocol::ImageData;
     use burn_dataset::Dataset;
     use divergen_protocol::{Category, Frequency, Provenance};
 
@@ -807,7 +459,7 @@ mod tests {
         assert_eq!((store.pending(), store.next_seq(&key)), (0, 4));
         store.commit(&key, (4..6).map(sample).collect()).unwrap();
         store.seal().unwrap();
-        let seqs: Vec<u64> = crate::ShardDataset::open(dir.path())
+        let seqs: Vec<u64> = crate::dataset::ShardDataset::open(dir.path())
             .unwrap()
             .iter()
             .map(|s| s.unwrap().provenance.seq)
@@ -836,7 +488,7 @@ mod tests {
         let mut store = open(dir.path());
         store.commit(&key, vec![sample(7)]).unwrap();
         store.seal().unwrap();
-        let ds = crate::ShardDataset::open(dir.path()).unwrap();
+        let ds = crate::dataset::ShardDataset::open(dir.path()).unwrap();
         let seqs: Vec<u64> = ds.iter().map(|s| s.unwrap().provenance.seq).collect();
         assert_eq!(seqs, (0..8).collect::<Vec<_>>());
         let report = crate::verify::verify(dir.path(), |_, _| {}).unwrap();
