@@ -1,12 +1,13 @@
-//! SAM's mask decoder: a two-way transformer (prompt tokens attend to the image and the image
-//! attends back), then the image embedding is upscaled 4× by two transposed convolutions and
+//! SAM's mask decoder: the two-way transformer (`transformer.rs`: prompt tokens attend to the
+//! image and the image attends back), then the image embedding is upscaled 4× by two transposed convolutions and
 //! each mask token's hypernetwork MLP turns it into one mask; an MLP on the IoU token scores
 //! the masks.
 
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
-use divergen_kernels::{attention, gelu, gemm_bt};
+use divergen_kernels::{gelu, gemm_bt};
 
+use super::transformer::TwoWayTransformer;
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
 use crate::layers::{LayerNorm, Linear, Quantization};
@@ -37,64 +38,6 @@ impl Default for MaskDecoderConfig {
             iou_head_hidden_dim: 256,
         }
     }
-}
-
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    heads: usize,
-}
-
-impl Attention {
-    fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        dim: usize,
-        heads: usize,
-        downsample: usize,
-        quant: Quantization,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let inner = dim / downsample;
-        let linear =
-            |name: &str, out, inp| Linear::load(ckpt, &format!("{prefix}.{name}"), out, inp, true, quant, device);
-        Ok(Attention {
-            q_proj: linear("q_proj", inner, dim)?,
-            k_proj: linear("k_proj", inner, dim)?,
-            v_proj: linear("v_proj", inner, dim)?,
-            out_proj: linear("out_proj", dim, inner)?,
-            heads,
-        })
-    }
-
-    fn forward(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
-        let (q, k, v) = (self.q_proj.forward(q), self.k_proj.forward(k), self.v_proj.forward(v));
-        let [b, sq, inner] = q.dims();
-        let skv = k.dims()[1];
-        let hd = inner / self.heads;
-        let split = |t: Tensor<3>, s: usize| t.reshape([b, s, self.heads, hd]).swap_dims(1, 2);
-        let o = attention(split(q, sq), split(k, skv), split(v, skv), (hd as f32).powf(-0.5));
-        self.out_proj.forward(o.swap_dims(1, 2).reshape([b, sq, inner]))
-    }
-
-    fn linears(&self) -> [&Linear; 4] {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
-    }
-}
-
-struct TwoWayBlock {
-    self_attn: Attention,
-    norm1: LayerNorm,
-    cross_token_to_image: Attention,
-    norm2: LayerNorm,
-    lin1: Linear,
-    lin2: Linear,
-    norm3: LayerNorm,
-    norm4: LayerNorm,
-    cross_image_to_token: Attention,
-    skip_first_layer_pe: bool,
 }
 
 /// `nn.Linear` layers with ReLU between them (the decoder's `MLP`).
@@ -139,9 +82,7 @@ pub struct MaskDecoder {
     pub config: MaskDecoderConfig,
     /// `[1, 1 + masks, dim]`: the IoU token then the mask tokens.
     output_tokens: Tensor<3>,
-    blocks: Vec<TwoWayBlock>,
-    final_attn: Attention,
-    norm_final: LayerNorm,
+    transformer: TwoWayTransformer,
     /// The two stride-2 transposed convolutions as per-token linears to `out·2·2` values.
     upscale1: Linear,
     upscale_norm: LayerNorm,
@@ -182,43 +123,6 @@ impl MaskDecoder {
         let d = config.transformer_dim;
         let q = quant.sensitive();
         let pre = "mask_decoder";
-        let t = format!("{pre}.transformer");
-        let heads = config.num_heads;
-        let down = config.attention_downsample_rate;
-        let norm = |name: &str| LayerNorm::load(ckpt, name, d, 1e-5, device);
-        let blocks = (0..config.depth)
-            .map(|i| {
-                let p = format!("{t}.layers.{i}");
-                Ok(TwoWayBlock {
-                    self_attn: Attention::load(ckpt, &format!("{p}.self_attn"), d, heads, 1, q, device)?,
-                    norm1: norm(&format!("{p}.norm1"))?,
-                    cross_token_to_image: Attention::load(
-                        ckpt,
-                        &format!("{p}.cross_attn_token_to_image"),
-                        d,
-                        heads,
-                        down,
-                        q,
-                        device,
-                    )?,
-                    norm2: norm(&format!("{p}.norm2"))?,
-                    lin1: Linear::load(ckpt, &format!("{p}.mlp.lin1"), config.mlp_dim, d, true, quant, device)?,
-                    lin2: Linear::load(ckpt, &format!("{p}.mlp.lin2"), d, config.mlp_dim, true, quant, device)?,
-                    norm3: norm(&format!("{p}.norm3"))?,
-                    norm4: norm(&format!("{p}.norm4"))?,
-                    cross_image_to_token: Attention::load(
-                        ckpt,
-                        &format!("{p}.cross_attn_image_to_token"),
-                        d,
-                        heads,
-                        down,
-                        q,
-                        device,
-                    )?,
-                    skip_first_layer_pe: i == 0,
-                })
-            })
-            .collect::<Result<_, ModelError>>()?;
         let masks = config.num_multimask_outputs + 1;
         let iou = ckpt.tensor::<2>(&format!("{pre}.iou_token.weight"), [1, d], device)?;
         let mask_tokens = ckpt.tensor::<2>(&format!("{pre}.mask_tokens.weight"), [masks, d], device)?;
@@ -238,17 +142,7 @@ impl MaskDecoder {
             .collect::<Result<_, _>>()?;
         Ok(MaskDecoder {
             output_tokens: Tensor::cat(vec![iou, mask_tokens], 0).unsqueeze::<3>(),
-            blocks,
-            final_attn: Attention::load(
-                ckpt,
-                &format!("{t}.final_attn_token_to_image"),
-                d,
-                heads,
-                down,
-                q,
-                device,
-            )?,
-            norm_final: norm(&format!("{t}.norm_final_attn"))?,
+            transformer: TwoWayTransformer::load(ckpt, &format!("{pre}.transformer"), &config, quant, device)?,
             upscale1: transposed_conv(ckpt, &format!("{pre}.output_upscaling.0"), d, d / 4, q, device)?,
             upscale_norm: LayerNorm::load(ckpt, &format!("{pre}.output_upscaling.1"), d / 4, 1e-6, device)?,
             upscale2: transposed_conv(ckpt, &format!("{pre}.output_upscaling.3"), d / 4, d / 8, q, device)?,
@@ -283,7 +177,7 @@ impl MaskDecoder {
         } else {
             Tensor::cat(vec![self.output_tokens.clone(), sparse], 1)
         };
-        let (queries, keys) = self.transformer(image + dense, image_pe, tokens);
+        let (queries, keys) = self.transformer.forward(image + dense, image_pe, tokens);
         let d = self.config.transformer_dim;
         let masks = self.config.num_multimask_outputs + 1;
         let g = grid;
@@ -321,48 +215,9 @@ impl MaskDecoder {
         (logits, iou)
     }
 
-    fn transformer(&self, image: Tensor<3>, image_pe: Tensor<3>, point_pe: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
-        let mut queries = point_pe.clone();
-        let mut keys = image;
-        for block in &self.blocks {
-            queries = if block.skip_first_layer_pe {
-                block.self_attn.forward(queries.clone(), queries.clone(), queries)
-            } else {
-                let q = queries.clone() + point_pe.clone();
-                queries.clone() + block.self_attn.forward(q.clone(), q, queries)
-            };
-            queries = block.norm1.forward(queries);
-            let q = queries.clone() + point_pe.clone();
-            let k = keys.clone() + image_pe.clone();
-            queries = block
-                .norm2
-                .forward(queries + block.cross_token_to_image.forward(q, k, keys.clone()));
-            let mlp = block.lin2.forward(relu(block.lin1.forward(queries.clone())));
-            queries = block.norm3.forward(queries + mlp);
-            let q = queries.clone() + point_pe.clone();
-            let k = keys.clone() + image_pe.clone();
-            keys = block
-                .norm4
-                .forward(keys + block.cross_image_to_token.forward(k, q, queries.clone()));
-        }
-        let q = queries.clone() + point_pe;
-        let k = keys.clone() + image_pe;
-        let queries = self
-            .norm_final
-            .forward(queries + self.final_attn.forward(q, k, keys.clone()));
-        (queries, keys)
-    }
-
     /// The linear layers, for size accounting.
     pub(crate) fn linears(&self) -> Vec<&Linear> {
-        let mut all = Vec::new();
-        for b in &self.blocks {
-            all.extend(b.self_attn.linears());
-            all.extend(b.cross_token_to_image.linears());
-            all.extend(b.cross_image_to_token.linears());
-            all.extend([&b.lin1, &b.lin2]);
-        }
-        all.extend(self.final_attn.linears());
+        let mut all = self.transformer.linears();
         all.extend([&self.upscale1, &self.upscale2]);
         for mlp in self.hypernetworks.iter().chain([&self.iou_head]) {
             all.extend(mlp.layers.iter());

@@ -15,6 +15,7 @@ pub mod mask_decoder;
 pub mod preprocess;
 pub mod prompt_encoder;
 pub mod tiny_vit;
+pub mod transformer;
 
 use std::path::Path;
 
