@@ -6,6 +6,37 @@ use divergen_kernels::device::{DeviceRequest, LimitsProfile};
 use divergen_kernels::variants::KernelFamily;
 use divergen_models::layers::Quantization;
 
+/// What every command of both binaries takes: `-v` and the device flags.
+#[derive(Args, Clone)]
+pub struct GlobalArgs {
+    /// More log output: -v shows our debug lines and dependencies' info, -vv everything.
+    /// `RUST_LOG` overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl GlobalArgs {
+    /// Starts the logger at the level `-v` asks for, unless `RUST_LOG` says otherwise.
+    pub fn init_logging(&self) {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(log_filter(self.verbose))).init();
+    }
+}
+
+/// Mesa's device-selection layer opens a Wayland/X11 connection to rank GPUs and prints
+/// "XDG_RUNTIME_DIR is invalid" on headless machines; divergen ranks adapters itself, so the layer
+/// is turned off unless the user set `NODEVICE_SELECT`.
+///
+/// # Safety
+/// It sets an environment variable: call it first in `main`, while no other thread exists.
+pub unsafe fn skip_mesa_device_select() {
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY: the caller guarantees that no other thread reads the environment.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
+}
+
 /// Device selection; each flag falls back to its environment variable.
 #[derive(Args, Clone)]
 pub struct DeviceArgs {
@@ -77,7 +108,7 @@ impl From<QuantArg> for Quantization {
 
 /// Our crates log at info and dependencies (wgpu, cubecl's autotune, naga) only warnings, unless
 /// `-v` asks for more.
-pub fn log_filter(verbose: u8) -> String {
+fn log_filter(verbose: u8) -> String {
     let ours = [
         "divergen",
         "divergen_runtime",

@@ -47,12 +47,34 @@ impl CocoCategory {
     }
 
     pub fn frequency(&self) -> Option<Frequency> {
-        match self.frequency.as_str() {
-            "f" => Some(Frequency::Frequent),
-            "c" => Some(Frequency::Common),
-            "r" => Some(Frequency::Rare),
-            _ => None,
-        }
+        Frequency::from_code(&self.frequency)
+    }
+}
+
+/// One category of an LVIS `*_cat_info.json` table (DiverGen's, the procedural domain's): what
+/// the pipeline reads its category set from and the domain writes. Fields LVIS's files may lack
+/// read as empty.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CatInfo {
+    pub id: u32,
+    pub name: String,
+    #[serde(default)]
+    pub def: String,
+    #[serde(default)]
+    pub synset: String,
+    #[serde(default)]
+    pub synonyms: Vec<String>,
+    /// LVIS's `f`, `c` or `r`.
+    pub frequency: String,
+    #[serde(default)]
+    pub image_count: u64,
+    #[serde(default)]
+    pub instance_count: u64,
+}
+
+impl CatInfo {
+    pub fn frequency(&self) -> Option<Frequency> {
+        Frequency::from_code(&self.frequency)
     }
 }
 

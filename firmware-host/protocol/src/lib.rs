@@ -150,6 +150,16 @@ impl Frequency {
             Frequency::Rare => "r",
         }
     }
+
+    /// The frequency of an LVIS code (`f`, `c`, `r`); `None` for anything else.
+    pub fn from_code(code: &str) -> Option<Self> {
+        match code {
+            "f" => Some(Frequency::Frequent),
+            "c" => Some(Frequency::Common),
+            "r" => Some(Frequency::Rare),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -6,18 +6,13 @@ use std::path::Path;
 use burn::tensor::Device;
 use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use divergen_runtime::pipeline::filtering::{dot, embed_images, embed_texts};
 
 pub use divergen_runtime::domain::RenderRecord as Render;
 
-#[derive(Clone, Debug, Deserialize)]
-pub struct Category {
-    pub id: u32,
-    pub name: String,
-    pub def: String,
-}
+pub use divergen_runtime::domain::CatInfo;
 
 pub fn read_renders(domain: &Path, split: &str) -> Result<Vec<Render>, String> {
     let path = domain.join("renders").join(format!("{split}.jsonl"));
@@ -29,7 +24,8 @@ pub fn read_renders(domain: &Path, split: &str) -> Result<Vec<Render>, String> {
         .collect()
 }
 
-pub fn read_categories(domain: &Path) -> Result<Vec<Category>, String> {
+/// The domain's `categories.json`.
+pub fn read_categories(domain: &Path) -> Result<Vec<CatInfo>, String> {
     let path = domain.join("categories.json");
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))

@@ -64,17 +64,8 @@ pub fn category_id(index: usize) -> u32 {
     index as u32 + 1
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct CatInfo {
-    pub id: u32,
-    pub name: String,
-    pub def: String,
-    pub synset: String,
-    pub synonyms: Vec<String>,
-    pub frequency: String,
-    pub image_count: u64,
-    pub instance_count: u64,
-}
+/// `categories.json`: the LVIS cat_info form the pipeline reads.
+pub use divergen_dataset::coco::CatInfo;
 
 /// One line of `renders/<split>.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -5,21 +5,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use divergen_protocol::{Category, CategoryTable, Frequency};
-use serde::Deserialize;
+use divergen_dataset::coco::CatInfo;
+use divergen_protocol::{Category, CategoryTable};
 
 use super::config::CategoriesConfig;
-
-#[derive(Deserialize)]
-struct CatInfo {
-    id: u32,
-    name: String,
-    #[serde(default)]
-    def: String,
-    #[serde(default)]
-    synset: String,
-    frequency: String,
-}
 
 /// The run's categories: the whole table (the output dataset's, so every real annotation keeps
 /// its category), the ids this run generates for, and the size statistics.
@@ -44,7 +33,7 @@ impl Categories {
         })?;
         let mut categories = Vec::with_capacity(infos.len());
         for info in infos {
-            let frequency = parse_frequency(&info.frequency).ok_or_else(|| {
+            let frequency = info.frequency().ok_or_else(|| {
                 format!(
                     "{}: category {} has frequency {:?}",
                     path.display(),
@@ -97,15 +86,6 @@ impl Categories {
 
     pub fn get(&self, id: u32) -> Option<&Category> {
         self.table.get(id)
-    }
-}
-
-fn parse_frequency(code: &str) -> Option<Frequency> {
-    match code {
-        "f" => Some(Frequency::Frequent),
-        "c" => Some(Frequency::Common),
-        "r" => Some(Frequency::Rare),
-        _ => None,
     }
 }
 

@@ -367,8 +367,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use divergen_protocol::ImageData;
     use burn_dataset::Dataset;
+    use divergen_protocol::ImageData;
     use divergen_protocol::{Category, Frequency, Provenance};
 
     fn table() -> CategoryTable {

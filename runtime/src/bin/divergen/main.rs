@@ -14,7 +14,7 @@ mod stream_bench;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use divergen_runtime::cli::{DeviceArgs, log_filter};
+use divergen_runtime::cli::{GlobalArgs, skip_mesa_device_select};
 
 #[derive(Parser)]
 #[command(
@@ -23,12 +23,8 @@ use divergen_runtime::cli::{DeviceArgs, log_filter};
     about = "DiverGen's data-generation pipeline, on the device"
 )]
 struct Cli {
-    /// More log output: -v shows our debug lines and dependencies' info, -vv everything.
-    /// `RUST_LOG` overrides it.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
     #[command(flatten)]
-    device: DeviceArgs,
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -109,15 +105,11 @@ fn negative_values_attached(args: impl Iterator<Item = std::ffi::OsString>) -> V
 }
 
 fn main() -> ExitCode {
-    // Mesa's device-selection layer opens a Wayland/X11 connection to rank GPUs and prints
-    // "XDG_RUNTIME_DIR is invalid" on headless machines; divergen ranks adapters itself.
-    if std::env::var_os("NODEVICE_SELECT").is_none() {
-        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
-    }
+    // SAFETY: no other thread exists yet.
+    unsafe { skip_mesa_device_select() };
     let cli = Cli::parse_from(negative_values_attached(std::env::args_os()));
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(log_filter(cli.verbose))).init();
-    let result = cli.device.request().and_then(|request| match cli.command {
+    cli.global.init_logging();
+    let result = cli.global.device.request().and_then(|request| match cli.command {
         Command::Devices { json } => devices::run(&request, json),
         Command::Bench {
             what: BenchCommand::Kernels(args),

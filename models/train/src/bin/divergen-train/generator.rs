@@ -101,7 +101,7 @@ fn to_unit(img: &image::RgbImage) -> Vec<f32> {
 
 /// A training render and the captions it may be paired with: the bank-style caption, shorter
 /// variants that keep the name, and DiverGen's template with the definition.
-fn draw(seed: u64, step: usize, item: usize, categories: &[eval::Category]) -> (Vec<f32>, Vec<String>) {
+fn draw(seed: u64, step: usize, item: usize, categories: &[eval::CatInfo]) -> (Vec<f32>, Vec<String>) {
     let mut rng = StdRng::seed_from_u64(mix_seed(seed ^ 0x6765_6e00, step as u64, item as u64));
     let (k, img, record) = fresh_render(&mut rng, SIDE);
     let c = &categories[k];
@@ -402,7 +402,7 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
 fn train_vae(
     args: &TrainGeneratorArgs,
     vcfg: &TinyVaeConfig,
-    categories: &[eval::Category],
+    categories: &[eval::CatInfo],
     device: &Device,
 ) -> Result<(TinyVae, f32, serde_json::Value), String> {
     use burn::optim::{AdamConfig, GradientsParams};

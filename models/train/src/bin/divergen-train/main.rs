@@ -9,7 +9,7 @@ mod sam;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use divergen_runtime::cli::{DeviceArgs, log_filter};
+use divergen_runtime::cli::{GlobalArgs, skip_mesa_device_select};
 
 #[derive(Parser)]
 #[command(
@@ -18,14 +18,10 @@ use divergen_runtime::cli::{DeviceArgs, log_filter};
     about = "Train and measure the embedded default's tiny CLIP, SAM and Stable Diffusion"
 )]
 struct Cli {
-    /// More log output: -v shows our debug lines and dependencies' info, -vv everything.
-    /// `RUST_LOG` overrides it.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
-    /// The device for the pipeline's own loaders (evaluation, the generator's text tower);
-    /// training itself runs on the CPU.
+    // The device is for the pipeline's own loaders (evaluation, the generator's text tower);
+    // training itself runs on the CPU.
     #[command(flatten)]
-    device: DeviceArgs,
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,15 +44,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // As in `divergen`: Mesa's device-selection layer would print "XDG_RUNTIME_DIR is invalid"
-    // on headless machines, and divergen ranks adapters itself.
-    if std::env::var_os("NODEVICE_SELECT").is_none() {
-        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
-    }
+    // SAFETY: no other thread exists yet.
+    unsafe { skip_mesa_device_select() };
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(log_filter(cli.verbose))).init();
-    let result = cli.device.request().and_then(|request| match cli.command {
+    cli.global.init_logging();
+    let result = cli.global.device.request().and_then(|request| match cli.command {
         Command::Clip(args) => clip::train_clip(&args),
         Command::Sam(args) => sam::train_sam(&args),
         Command::Generator(args) => generator::train_generator(&request, &args),
