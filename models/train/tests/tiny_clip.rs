@@ -11,6 +11,10 @@ use divergen_train::clip::{Pair, TinyClip, TinyClipConfig, TrainOptions, save_hf
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+/// burn's seed is global to the backend and a file's tests run on parallel threads: a test that
+/// seeds holds this while it seeds and draws, so no other test's draws interleave with its own.
+static SEEDED_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn rows(t: Tensor<2>) -> Vec<Vec<f32>> {
     let [n, d] = t.dims();
     let v = t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
@@ -49,6 +53,7 @@ fn pairs(n: usize, side: u32) -> Vec<Pair> {
 
 #[test]
 fn the_exported_tiny_clip_loads_and_matches_the_trained_model() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let tokenizer = ClipTokenizer::for_words("a photo of large small red star disc".split(' ')).unwrap();
     assert!(tokenizer.vocab_size() < 600, "{}", tokenizer.vocab_size());
     let c = config(&tokenizer);
@@ -83,6 +88,7 @@ fn the_exported_tiny_clip_loads_and_matches_the_trained_model() {
 
 #[test]
 fn training_lowers_the_contrastive_loss() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let data = pairs(48, 32);
     let words: Vec<String> = data
         .iter()

@@ -9,6 +9,10 @@ use divergen_models::diffusion::vae::VaeDecoder;
 use divergen_models::layers::Quantization;
 use divergen_train::diffusion::{TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig};
 
+/// burn's seed is global to the backend and a file's tests run on parallel threads: a test that
+/// seeds holds this while it seeds and draws, so no other test's draws interleave with its own.
+static SEEDED_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
@@ -44,6 +48,7 @@ fn small_unet() -> TinyUnetConfig {
 
 #[test]
 fn the_exported_tiny_vae_decoder_matches_the_trained_model() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let c = small_vae();
     let train = Device::flex();
     train.seed(7);
@@ -68,6 +73,7 @@ fn the_exported_tiny_vae_decoder_matches_the_trained_model() {
 
 #[test]
 fn the_exported_tiny_unet_matches_the_trained_model() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let c = small_unet();
     let train = Device::flex();
     train.seed(8);
@@ -106,6 +112,7 @@ fn the_exported_tiny_unet_matches_the_trained_model() {
 /// models must compute what the saved ones did, and still train.
 #[test]
 fn saved_tiny_generator_weights_load_back_for_training() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     use burn::optim::GradientsParams;
     let vc = small_vae();
     let uc = small_unet();
@@ -152,6 +159,7 @@ fn a_tiny_unet_checkpoint_of_another_shape_is_refused_by_key() {
 /// exact per element, save in the UNet's own layout and refuse another model's export.
 #[test]
 fn an_averaged_tiny_unet_saves_and_loads_like_a_trained_one() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let device = Device::flex();
     device.seed(3);
     let first = TinyUnet::new(&small_unet(), &device);

@@ -15,6 +15,10 @@ use divergen_train::sam_examples::sam_example;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+/// burn's seed is global to the backend and a file's tests run on parallel threads: a test that
+/// seeds holds this while it seeds and draws, so no other test's draws interleave with its own.
+static SEEDED_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn config() -> TinySamConfig {
     TinySamConfig {
         img_size: 64,
@@ -40,6 +44,7 @@ fn rows(t: burn::tensor::Tensor<3>) -> Vec<f32> {
 
 #[test]
 fn the_exported_tiny_sam_loads_and_matches_the_trained_model() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let c = config();
     let train_device = Device::flex();
     train_device.seed(5);
@@ -129,6 +134,7 @@ fn the_exported_tiny_sam_loads_and_matches_the_trained_model() {
 
 #[test]
 fn a_few_steps_on_domain_examples_lower_the_loss() {
+    let _seeded = SEEDED_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let c = config();
     let domain = DomainConfig::default();
     let device = Device::flex().autodiff();
