@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use divergen_runtime::domain::category_id;
 use divergen_runtime::domain::render::{COLOURS, OPENINGS, Texture, caption, white_render};
 use divergen_runtime::domain::shapes::SHAPES;
 use rand::Rng;
@@ -75,7 +76,7 @@ pub fn fresh_render(rng: &mut StdRng, side: u32) -> (usize, image::RgbImage, eva
     let record = eval::Render {
         file: String::new(),
         mask: String::new(),
-        category_id: k as u32 + 1,
+        category_id: category_id(k),
         caption: caption(&a, side as f64, rng.random_range(0..5)),
         colour: COLOURS[a.colour].0.into(),
         texture: a.texture.word().into(),
