@@ -5,7 +5,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_kernels::testing::devices;
 use divergen_models::clip::tokenizer::ClipTokenizer;
-use divergen_models::clip::{Clip, Quantization, normalize};
+use divergen_models::clip::{Clip, Quantization, unit_rows};
 use divergen_runtime::domain::render::{caption, white_render};
 use divergen_train::clip::{Pair, TinyClip, TinyClipConfig, TrainOptions, save_hf, tokenize, train};
 use rand::SeedableRng;
@@ -14,12 +14,6 @@ use rand::rngs::StdRng;
 /// burn's seed is global to the backend and a file's tests run on parallel threads: a test that
 /// seeds holds this while it seeds and draws, so no other test's draws interleave with its own.
 static SEEDED_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn rows(t: Tensor<2>) -> Vec<Vec<f32>> {
-    let [n, d] = t.dims();
-    let v = t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-    (0..n).map(|i| v[i * d..(i + 1) * d].to_vec()).collect()
-}
 
 fn config(tokenizer: &ClipTokenizer) -> TinyClipConfig {
     TinyClipConfig {
@@ -68,15 +62,15 @@ fn the_exported_tiny_clip_loads_and_matches_the_trained_model() {
     let pixels: Vec<f32> = data.iter().flat_map(|p| p.pixels.iter().copied()).collect();
     let batch = |d: &Device| Tensor::<4>::from_data(TensorData::new(pixels.clone(), [4, 3, 32, 32]), d);
     let (ids, eos) = tokenize(&tokenizer, &texts);
-    let want_images = rows(normalize(model.encode_image(batch(&train_device))));
-    let want_texts = rows(normalize(model.encode_text(&ids, &eos, &train_device)));
+    let want_images = unit_rows(model.encode_image(batch(&train_device))).unwrap();
+    let want_texts = unit_rows(model.encode_text(&ids, &eos, &train_device)).unwrap();
 
     for d in devices() {
         let clip = Clip::load(dir.path(), Quantization::None, &d.device).unwrap();
         let loaded = ClipTokenizer::from_dir(dir.path()).unwrap();
         assert_eq!(loaded.encode(&texts[0]), tokenizer.encode(&texts[0]));
-        let got_images = rows(normalize(clip.vision.forward(batch(&d.device)).unwrap()));
-        let got_texts = rows(normalize(clip.text.forward(&ids).unwrap()));
+        let got_images = unit_rows(clip.vision.forward(batch(&d.device)).unwrap()).unwrap();
+        let got_texts = unit_rows(clip.text.forward(&ids).unwrap()).unwrap();
         for (want, got) in [(&want_images, &got_images), (&want_texts, &got_texts)] {
             for (w, g) in want.iter().zip(got.iter()) {
                 let err = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

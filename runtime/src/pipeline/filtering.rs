@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Tensor, TensorData};
 use divergen_models::clip::preprocess::pixel_values_sized;
 use divergen_models::clip::tokenizer::ClipTokenizer;
-use divergen_models::clip::{Clip, normalize};
+use divergen_models::clip::{Clip, unit_rows};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -34,8 +34,8 @@ pub fn embed_images(clip: &Clip, images: &[RgbImage], device: &Device) -> Result
     for chunk in images.chunks(CLIP_BATCH) {
         let pixels: Vec<f32> = chunk.iter().flat_map(|i| pixel_values_sized(i, size as u32)).collect();
         let batch = Tensor::from_data(TensorData::new(pixels, [chunk.len(), 3, size, size]), device);
-        let e = normalize(clip.vision.forward(batch).map_err(|e| e.to_string())?);
-        out.extend(rows(e)?);
+        let e = clip.vision.forward(batch).map_err(|e| e.to_string())?;
+        out.extend(unit_rows(e).map_err(|e| e.to_string())?);
     }
     Ok(out)
 }
@@ -46,18 +46,7 @@ pub fn embed_texts(clip: &Clip, tokenizer: &ClipTokenizer, texts: &[String]) -> 
         .iter()
         .map(|t| tokenizer.encode_padded(t, tokenizer.end_id()).0)
         .collect();
-    rows(normalize(clip.text.forward(&ids).map_err(|e| e.to_string())?))
-}
-
-/// A `[n, d]` tensor read back as rows.
-pub fn rows(t: Tensor<2>) -> Result<Vec<Vec<f32>>, String> {
-    let [n, d] = t.dims();
-    let values = t
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| format!("reading embeddings back: {e:?}"))?;
-    Ok((0..n).map(|i| values[i * d..(i + 1) * d].to_vec()).collect())
+    unit_rows(clip.text.forward(&ids).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -2,15 +2,12 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
-use divergen_models::clip::ClipConfig;
-use divergen_models::clip::preprocess::pixel_values_sized;
 use divergen_models::clip::tokenizer::ClipTokenizer;
-use divergen_models::clip::{Clip, Quantization, normalize};
+use divergen_models::clip::{Clip, Quantization};
 use divergen_runtime::cli::QuantArg;
-use divergen_runtime::pipeline::filtering::rows;
+use divergen_runtime::pipeline::filtering::{dot, embed_images, embed_texts};
 
 /// "12.3 MiB → 3.4 MiB (int8)": the linear layers' size before and after quantization.
 pub fn size_line((now, f32): (usize, usize), quant: Quantization) -> String {
@@ -53,9 +50,6 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
         .iter()
         .map(|path| divergen_runtime::images::open(path).map(|i| i.into_rgb8()))
         .collect::<Result<Vec<_>, _>>()?;
-    let config = ClipConfig::from_file(&args.clip.join("config.json")).map_err(|e| e.to_string())?;
-    let side = config.vision_config.image_size as u32;
-    let pixels: Vec<f32> = images.iter().flat_map(|img| pixel_values_sized(img, side)).collect();
     let tokenizer = ClipTokenizer::from_dir(&args.clip).map_err(|e| e.to_string())?;
     let device = open(request).map_err(|e| e.to_string())?;
     let clip = Clip::load(&args.clip, quant, &device.device).map_err(|e| e.to_string())?;
@@ -65,23 +59,12 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
         device.describe(),
         size_line(clip.linear_bytes(), quant)
     );
-    let images = if args.image.is_empty() {
-        Vec::new()
-    } else {
-        let n = args.image.len();
-        let size = clip.config.vision_config.image_size;
-        let batch = Tensor::from_data(TensorData::new(pixels, [n, 3, size, size]), &device.device);
-        rows(normalize(clip.vision.forward(batch).map_err(|e| e.to_string())?))?
-    };
+    // The pipeline's own calls, so these are the numbers its filter compares.
+    let images = embed_images(&clip, &images, &device.device)?;
     let texts = if args.text.is_empty() {
         Vec::new()
     } else {
-        let ids: Vec<Vec<u32>> = args
-            .text
-            .iter()
-            .map(|t| tokenizer.encode_padded(t, tokenizer.end_id()).0)
-            .collect();
-        rows(normalize(clip.text.forward(&ids).map_err(|e| e.to_string())?))?
+        embed_texts(&clip, &tokenizer, &args.text)?
     };
     if args.json {
         let out = serde_json::json!({ "images": images, "texts": texts });
@@ -96,10 +79,7 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
         if !images.is_empty() && !texts.is_empty() {
             println!("cosine similarity (rows: images, columns: texts):");
             for (path, i) in args.image.iter().zip(&images) {
-                let sims: Vec<String> = texts
-                    .iter()
-                    .map(|t| format!("{:.4}", i.iter().zip(t).map(|(a, b)| a * b).sum::<f32>()))
-                    .collect();
+                let sims: Vec<String> = texts.iter().map(|t| format!("{:.4}", dot(i, t))).collect();
                 println!("  {}: {}", path.display(), sims.join("  "));
             }
         }
