@@ -4,7 +4,7 @@
 //! (ranked by the area its outline encloses, as `cv2.contourArea`), fill that outline, multiply
 //! the alpha by it (`alpha *= seg`) and crop to its tight box.
 
-use divergen_models::sam::{Point, PointLabel, Prompt};
+use divergen_models::sam::{Point, PointLabel, Prompt, Sam};
 use image::{Rgb, RgbImage, RgbaImage};
 
 /// DiverGen's prompt: `[m,m], [0,W-1-m], [H-1-m,m], [H-1-m,W-1-m]` with margin 0, all positive.
@@ -52,6 +52,31 @@ pub struct Annotated {
     pub bbox: [u32; 4],
     /// Object pixels kept, over the image's.
     pub area_fraction: f64,
+}
+
+/// SAM-background on one generated image.
+pub struct Annotation {
+    /// SAM's IoU estimate of the background mask taken.
+    pub sam_iou: f32,
+    /// The instance, or why the image gave none.
+    pub instance: Result<Annotated, DropReason>,
+}
+
+/// Prompts SAM with the corners, takes the background mask and makes the instance from it.
+pub fn annotate(sam: &Sam, image: &RgbImage, min_area: f64) -> Result<Annotation, String> {
+    let embedding = sam.embed_image(image).map_err(|e| e.to_string())?;
+    let prompt = corner_prompt(image.width(), image.height());
+    let prediction = sam.predict(&embedding, &prompt, true).map_err(|e| e.to_string())?;
+    let (Some(logits), Some(&sam_iou)) = (
+        prediction.masks.get(BACKGROUND_MASK_INDEX),
+        prediction.iou.get(BACKGROUND_MASK_INDEX),
+    ) else {
+        return Err("SAM returned fewer than 3 masks".into());
+    };
+    Ok(Annotation {
+        sam_iou,
+        instance: instance_from_background(image, logits, min_area),
+    })
 }
 
 /// Turns SAM's background logits (`height × width`, row-major) into the instance, or says why not.

@@ -9,10 +9,16 @@ use std::sync::Arc;
 
 use image::imageops::{self, FilterType};
 use image::{RgbImage, RgbaImage};
-use rand::Rng;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
 
-use super::config::{Blend, PasteConfig};
+use super::categories::Categories;
+use super::config::{Blend, PasteConfig, RunConfig};
+use super::generation::mix_seed;
+use super::output::Sink;
+use super::real_data::RealDataset;
+use super::sample::to_sample;
 
 /// One kept generated instance.
 #[derive(Clone, Debug)]
@@ -127,6 +133,89 @@ pub fn target_size(
     // `int()` in the reference: truncation.
     let (tw, th) = (tw.floor(), th.floor());
     (tw >= min && th >= min && tw < w && th < h).then_some((tw as u32, th as u32))
+}
+
+/// Stage 4's counters, in the manifest.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PasteReport {
+    pub images: u64,
+    pub instances_pasted: u64,
+    pub instances_per_image: f64,
+    pub rejected_by_size: u64,
+    pub dropped_by_occlusion: u64,
+    pub real_annotations: u64,
+    /// Real annotations left out: crowd regions, categories outside the table, bad masks.
+    pub real_annotations_skipped: u64,
+}
+
+/// Stage 4 over the real images: `paste.images` samples (every real image once by default,
+/// cycling when more are asked), each pasted with its own seeded draw and sent to `sink`.
+pub fn paste_all(
+    config: &RunConfig,
+    run_id: &str,
+    real: &RealDataset,
+    categories: &Categories,
+    pool: &Pool,
+    sink: &mut Sink,
+) -> Result<PasteReport, String> {
+    let count = config.paste.images.unwrap_or(real.images.len());
+    let mut report = PasteReport::default();
+    let bar = crate::progress::Progress::new("paste", count as u64);
+    for i in 0..count {
+        let Some(real_image) = real.images.get(i % real.images.len().max(1)) else {
+            break;
+        };
+        let mut image = real_image.open()?;
+        let (w, h) = (image.width(), image.height());
+        let mut layers = Vec::with_capacity(real_image.annotations.len());
+        for a in &real_image.annotations {
+            if a.iscrowd != 0 || categories.get(a.category_id).is_none() {
+                report.real_annotations_skipped += 1;
+                continue;
+            }
+            let mask = match a.segmentation.to_mask(w, h) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!("{}: annotation {}: {e}; left out", real.source.display(), a.id);
+                    report.real_annotations_skipped += 1;
+                    continue;
+                }
+            };
+            let Some(bbox) = mask_box(&mask, w as usize, h as usize) else {
+                report.real_annotations_skipped += 1;
+                continue;
+            };
+            report.real_annotations += 1;
+            layers.push(Layer {
+                category_id: a.category_id,
+                mask,
+                bbox,
+                source: None,
+            });
+        }
+        let mut rng = StdRng::seed_from_u64(mix_seed(config.seed, i as u64, 0x9a57e));
+        let (layers, stats) = paste(
+            &mut image,
+            layers,
+            pool,
+            &categories.area_stats,
+            &config.paste,
+            &mut rng,
+        );
+        report.instances_pasted += stats.pasted as u64;
+        report.rejected_by_size += stats.rejected_size as u64;
+        report.dropped_by_occlusion += stats.occluded_dropped as u64;
+        sink.send(to_sample(config, run_id, i as u64, &image, &layers, &real_image.entry))?;
+        report.images += 1;
+        bar.inc(1);
+    }
+    bar.finish();
+    report.instances_per_image = if report.images > 0 {
+        report.instances_pasted as f64 / report.images as f64
+    } else {
+        0.0
+    };
+    Ok(report)
 }
 
 /// Pastes a uniform `0..max_instances` draws from the pool onto `image`, whose real instances

@@ -6,7 +6,7 @@
 //! The real bank (one mean vector per category) is computed once and cached on disk, keyed by
 //! the dataset's and the model's hashes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +18,10 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::categories::Categories;
+use super::config::{FilterConfig, NoRealPolicy, RunConfig};
+use super::memory::Slot;
+use super::prompts;
 use super::real_data::{RealDataset, blurred_crop, box_blur};
 
 /// DiverGen's padding around a real instance's box, per side.
@@ -51,6 +55,108 @@ pub fn embed_texts(clip: &Clip, tokenizer: &ClipTokenizer, texts: &[String]) -> 
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// What a generated instance is compared with: its category's real bank or, for a category
+/// without real instances under `no_real = "text"`, the CLIP text embedding of its name.
+pub struct References {
+    pub bank: RealBank,
+    pub stats: BankStats,
+    /// Category id → the unit text embedding of "a photo of <name>".
+    pub text: HashMap<u32, Vec<f32>>,
+    /// Selected categories with no real crop.
+    pub without_real: Vec<u32>,
+}
+
+/// Stage 3's decision on one instance.
+pub struct Judgement {
+    pub score: Option<f32>,
+    /// `real-bank`, `text` or `none`: what `score` was measured against.
+    pub kind: &'static str,
+    pub kept: bool,
+}
+
+impl References {
+    /// The real bank (from the cache, completed and written back) and the text embeddings.
+    pub fn build(
+        config: &RunConfig,
+        cache_dir: &Path,
+        categories: &Categories,
+        real: &RealDataset,
+        clip: &mut Slot<Clip>,
+        tokenizer: &ClipTokenizer,
+        device: &Device,
+    ) -> Result<Self, String> {
+        let clip_quant: divergen_models::layers::Quantization = config.filter.quant.into();
+        let key = bank_key(
+            &config.real.annotations,
+            &config.filter.clip,
+            &format!("{clip_quant:?}"),
+            config.filter.max_real_per_category,
+        )?;
+        let (bank, stats) = real_bank(
+            cache_dir,
+            &key,
+            &categories.selected,
+            real,
+            config.filter.max_real_per_category,
+            clip.get()?,
+            device,
+        )?;
+        let without_real: Vec<u32> = categories
+            .selected
+            .iter()
+            .copied()
+            .filter(|c| !bank.categories.contains_key(c))
+            .collect();
+        let text = if config.filter.no_real == NoRealPolicy::Text && !without_real.is_empty() {
+            let texts: Vec<String> = without_real
+                .iter()
+                .map(|&c| {
+                    let category = categories.get(c).ok_or_else(|| format!("category {c} vanished"))?;
+                    Ok(format!("a photo of {}", prompts::display_name(category)))
+                })
+                .collect::<Result<_, String>>()?;
+            without_real
+                .iter()
+                .copied()
+                .zip(embed_texts(clip.get()?, tokenizer, &texts)?)
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        Ok(References {
+            bank,
+            stats,
+            text,
+            without_real,
+        })
+    }
+
+    /// Scores a unit embedding of `category` and keeps it at or above the threshold for what it
+    /// was scored against; an unscored one is kept only under `no_real = "keep"`.
+    pub fn judge(&self, category: u32, embedding: &[f32], filter: &FilterConfig) -> Judgement {
+        if let Some(s) = self.bank.score(category, embedding) {
+            return Judgement {
+                score: Some(s),
+                kind: "real-bank",
+                kept: s >= filter.threshold,
+            };
+        }
+        if let Some(t) = self.text.get(&category) {
+            let s = dot(t, embedding);
+            return Judgement {
+                score: Some(s),
+                kind: "text",
+                kept: s >= filter.text_threshold,
+            };
+        }
+        Judgement {
+            score: None,
+            kind: "none",
+            kept: filter.no_real == NoRealPolicy::Keep,
+        }
+    }
 }
 
 /// One category's real bank: the un-renormalised mean of its real crops' unit embeddings.
