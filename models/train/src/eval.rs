@@ -9,6 +9,7 @@ use divergen_models::clip::{Clip, Quantization};
 use serde::Serialize;
 
 use divergen_runtime::pipeline::filtering::{dot, embed_images, embed_texts};
+use divergen_runtime::pipeline::mask::Mask;
 
 pub use divergen_runtime::domain::RenderRecord as Render;
 
@@ -141,12 +142,11 @@ pub fn iou(a: &[bool], b: &[bool]) -> f64 {
 }
 
 /// The mask stage 2 keeps, at the image's size: the crop's alpha placed back at its box.
-pub fn annotated_mask(a: &divergen_runtime::pipeline::annotation::Annotated, w: usize, h: usize) -> Vec<bool> {
-    let mut mask = vec![false; w * h];
-    let [x0, y0, _, _] = a.bbox.map(|v| v as usize);
+pub fn annotated_mask(a: &divergen_runtime::pipeline::annotation::Annotated, w: u32, h: u32) -> Mask {
+    let mut mask = Mask::empty(w, h);
     for (x, y, p) in a.crop.enumerate_pixels() {
         if p.0[3] > 0 {
-            mask[(y0 + y as usize) * w + x0 + x as usize] = true;
+            mask.set(a.bbox.x0 + x, a.bbox.y0 + y);
         }
     }
     mask
@@ -162,7 +162,7 @@ pub fn sam_quality(
     device: &Device,
 ) -> Result<SamQuality, String> {
     use divergen_models::sam::{Prompt, Sam};
-    use divergen_runtime::pipeline::annotation::{corner_prompt, instance_from_background};
+    use divergen_runtime::pipeline::annotation::annotate;
     use divergen_runtime::pipeline::real_data::RealDataset;
     let stride = stride.max(1);
     let categories = read_categories(domain)?;
@@ -183,13 +183,8 @@ pub fn sam_quality(
             .pixels()
             .map(|p| p.0[0] > 127)
             .collect();
-        let (w, h) = (image.width(), image.height());
-        let embedding = sam.embed_image(&image).map_err(|e| e.to_string())?;
-        let prediction = sam
-            .predict(&embedding, &corner_prompt(w, h), true)
-            .map_err(|e| e.to_string())?;
-        let score = match instance_from_background(&image, &prediction.masks[2], 0.0) {
-            Ok(a) => iou(&annotated_mask(&a, w as usize, h as usize), &truth),
+        let score = match annotate(&sam, &image, 0.0)?.instance {
+            Ok(a) => iou(annotated_mask(&a, image.width(), image.height()).bits(), &truth),
             Err(_) => {
                 drops += 1;
                 0.0
@@ -207,19 +202,18 @@ pub fn sam_quality(
         let embedding = sam.embed_image(&image).map_err(|e| e.to_string())?;
         for a in &img.annotations {
             let truth = a.segmentation.to_mask(w, h)?;
-            let Some([x0, y0, bw, bh]) =
-                divergen_runtime::pipeline::annotation::tight_box(&truth, w as usize, h as usize)
-            else {
+            let Some(b) = truth.bounds() else {
                 continue;
             };
+            // SAM's box prompt names the last pixel inside, not the first outside.
             let prompt = Prompt {
-                bbox: Some([x0 as f32, y0 as f32, (x0 + bw - 1) as f32, (y0 + bh - 1) as f32]),
+                bbox: Some([b.x0 as f32, b.y0 as f32, (b.x1 - 1) as f32, (b.y1 - 1) as f32]),
                 ..Default::default()
             };
             let prediction = sam.predict(&embedding, &prompt, false).map_err(|e| e.to_string())?;
             let mask: Vec<bool> = prediction.masks[0].iter().map(|&l| l > 0.0).collect();
             let k = k_of(a.category_id)?;
-            box_sum[k].0 += iou(&mask, &truth);
+            box_sum[k].0 += iou(&mask, truth.bits());
             box_sum[k].1 += 1;
         }
     }

@@ -7,6 +7,8 @@
 use divergen_models::sam::{Point, PointLabel, Prompt, Sam};
 use image::{Rgb, RgbImage, RgbaImage};
 
+use super::mask::{Mask, PixelBox};
+
 /// DiverGen's prompt: `[m,m], [0,W-1-m], [H-1-m,m], [H-1-m,W-1-m]` with margin 0, all positive.
 pub fn corner_prompt(width: u32, height: u32) -> Prompt {
     let (x1, y1) = ((width - 1) as f32, (height - 1) as f32);
@@ -45,11 +47,11 @@ pub enum DropReason {
 pub struct Annotated {
     /// The object (inverted background), full image size, before clean-up: stage 3 embeds the
     /// image with everything outside it black.
-    pub raw_object: Vec<bool>,
+    pub raw_object: Mask,
     /// The RGBA crop: alpha 255 on the kept object pixels, 0 elsewhere.
     pub crop: RgbaImage,
-    /// `[x, y, w, h]` of the crop in the generated image.
-    pub bbox: [u32; 4],
+    /// Where the crop is in the generated image.
+    pub bbox: PixelBox,
     /// Object pixels kept, over the image's.
     pub area_fraction: f64,
 }
@@ -85,58 +87,44 @@ pub fn instance_from_background(
     background_logits: &[f32],
     min_area: f64,
 ) -> Result<Annotated, DropReason> {
-    let (w, h) = (image.width() as usize, image.height() as usize);
+    let (w, h) = (image.width(), image.height());
     // SAM's mask threshold is logit 0; the saved PNG is 0/255, so DiverGen's `alpha > 128` is
     // the same cut.
-    let object: Vec<bool> = background_logits.iter().map(|&l| l <= 0.0).collect();
-    let seg = largest_filled_component(&object, w, h).ok_or(DropReason::EmptyMask)?;
-    let keep: Vec<bool> = object.iter().zip(&seg).map(|(&o, &s)| o && s).collect();
-    let kept = keep.iter().filter(|&&k| k).count();
+    let object = Mask::from_bits(w, h, background_logits.iter().map(|&l| l <= 0.0).collect());
+    let seg = largest_filled_component(&object).ok_or(DropReason::EmptyMask)?;
+    let keep = object.and(&seg);
+    let kept = keep.area();
     if kept == 0 {
         return Err(DropReason::EmptyMask);
     }
-    let area_fraction = kept as f64 / (w * h) as f64;
+    let area_fraction = kept as f64 / (w as usize * h as usize) as f64;
     if area_fraction < min_area {
         return Err(DropReason::TooSmall);
     }
-    let [x0, y0, bw, bh] = tight_box(&seg, w, h).ok_or(DropReason::EmptyMask)?;
-    if bw < 2 || bh < 2 {
+    let bbox = seg.bounds().ok_or(DropReason::EmptyMask)?;
+    if bbox.width() < 2 || bbox.height() < 2 {
         return Err(DropReason::Degenerate);
     }
-    let crop = RgbaImage::from_fn(bw as u32, bh as u32, |x, y| {
-        let (sx, sy) = (x0 + x as usize, y0 + y as usize);
-        let Rgb([r, g, b]) = *image.get_pixel(sx as u32, sy as u32);
-        let a = if keep[sy * w + sx] { 255 } else { 0 };
+    let crop = RgbaImage::from_fn(bbox.width(), bbox.height(), |x, y| {
+        let (sx, sy) = (bbox.x0 + x, bbox.y0 + y);
+        let Rgb([r, g, b]) = *image.get_pixel(sx, sy);
+        let a = if keep.get(sx, sy) { 255 } else { 0 };
         image::Rgba([r, g, b, a])
     });
     Ok(Annotated {
         raw_object: object,
         crop,
-        bbox: [x0 as u32, y0 as u32, bw as u32, bh as u32],
+        bbox,
         area_fraction,
     })
-}
-
-/// `[x, y, w, h]` of the set pixels.
-pub fn tight_box(mask: &[bool], w: usize, h: usize) -> Option<[usize; 4]> {
-    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-    for y in 0..h {
-        for x in 0..w {
-            if mask[y * w + x] {
-                x0 = x0.min(x);
-                y0 = y0.min(y);
-                x1 = x1.max(x);
-                y1 = y1.max(y);
-            }
-        }
-    }
-    (x0 != usize::MAX).then(|| [x0, y0, x1 - x0 + 1, y1 - y0 + 1])
 }
 
 /// The 8-connected component (OpenCV's contours follow 8-connectivity) whose outer outline
 /// encloses the most area, with everything inside that outline set: `findContours(RETR_EXTERNAL)`
 /// → largest `contourArea` → `fillPoly`.
-pub fn largest_filled_component(mask: &[bool], w: usize, h: usize) -> Option<Vec<bool>> {
+pub fn largest_filled_component(object: &Mask) -> Option<Mask> {
+    let (w, h) = (object.width() as usize, object.height() as usize);
+    let mask = object.bits();
     let mut label = vec![0u32; w * h];
     let mut best: Option<(usize, Vec<bool>)> = None;
     let mut next = 0u32;
@@ -172,7 +160,7 @@ pub fn largest_filled_component(mask: &[bool], w: usize, h: usize) -> Option<Vec
             best = Some((area, filled));
         }
     }
-    best.map(|(_, filled)| filled)
+    best.map(|(_, filled)| Mask::from_bits(object.width(), object.height(), filled))
 }
 
 /// Everything a component's outer outline encloses: the pixels of its box that cannot reach the
@@ -224,10 +212,9 @@ fn fill_outline(members: &[usize], label: &[u32], id: u32, w: usize, h: usize) -
 }
 
 /// The generated image as stage 3 embeds it: pixels outside the raw object black.
-pub fn black_background(image: &RgbImage, object: &[bool]) -> RgbImage {
-    let w = image.width() as usize;
+pub fn black_background(image: &RgbImage, object: &Mask) -> RgbImage {
     RgbImage::from_fn(image.width(), image.height(), |x, y| {
-        if object[y as usize * w + x as usize] {
+        if object.get(x, y) {
             *image.get_pixel(x, y)
         } else {
             Rgb([0, 0, 0])
@@ -239,14 +226,14 @@ pub fn black_background(image: &RgbImage, object: &[bool]) -> RgbImage {
 mod tests {
     use super::*;
 
-    fn grid(rows: &[&str]) -> (Vec<bool>, usize, usize) {
-        let h = rows.len();
-        let w = rows[0].len();
-        (rows.iter().flat_map(|r| r.bytes().map(|b| b == b'#')).collect(), w, h)
+    fn grid(rows: &[&str]) -> Mask {
+        let bits = rows.iter().flat_map(|r| r.bytes().map(|b| b == b'#')).collect();
+        Mask::from_bits(rows[0].len() as u32, rows.len() as u32, bits)
     }
 
-    fn show(mask: &[bool], w: usize) -> Vec<String> {
-        mask.chunks(w)
+    fn show(mask: &Mask) -> Vec<String> {
+        mask.bits()
+            .chunks(mask.width() as usize)
             .map(|r| r.iter().map(|&b| if b { '#' } else { '.' }).collect())
             .collect()
     }
@@ -255,7 +242,7 @@ mod tests {
     fn the_largest_outline_wins_and_is_filled() {
         // A ring enclosing an island (kept: it is inside the outline), and a solid blob with
         // more pixels than the ring but a smaller enclosed area (dropped).
-        let (mask, w, h) = grid(&[
+        let mask = grid(&[
             "...........",
             ".#####.....",
             ".#...#.###.",
@@ -265,9 +252,9 @@ mod tests {
             ".......###.",
             ".......###.",
         ]);
-        let filled = largest_filled_component(&mask, w, h).unwrap();
+        let filled = largest_filled_component(&mask).unwrap();
         assert_eq!(
-            show(&filled, w),
+            show(&filled),
             [
                 "...........",
                 ".#####.....",
@@ -283,8 +270,8 @@ mod tests {
 
     #[test]
     fn diagonal_pixels_are_one_component() {
-        let (mask, w, h) = grid(&["#...", ".#..", "..#.", "...."]);
-        let filled = largest_filled_component(&mask, w, h).unwrap();
+        let mask = grid(&["#...", ".#..", "..#.", "...."]);
+        let filled = largest_filled_component(&mask).unwrap();
         assert_eq!(filled, mask);
     }
 
@@ -292,13 +279,13 @@ mod tests {
     fn sam_background_inverts_keeps_holes_transparent_and_crops() {
         // Logits > 0 are background. The object is a ring with a hole and an island; a stray
         // speck elsewhere is removed.
-        let (object, w, h) = grid(&[
+        let object = grid(&[
             "........", ".#####..", ".#...#..", ".#.#.#..", ".#...#..", ".#####..", "........", "......#.",
         ]);
-        let logits: Vec<f32> = object.iter().map(|&o| if o { -3.0 } else { 4.0 }).collect();
-        let image = RgbImage::from_fn(w as u32, h as u32, |x, y| Rgb([x as u8, y as u8, 7]));
+        let logits: Vec<f32> = object.bits().iter().map(|&o| if o { -3.0 } else { 4.0 }).collect();
+        let image = RgbImage::from_fn(object.width(), object.height(), |x, y| Rgb([x as u8, y as u8, 7]));
         let a = instance_from_background(&image, &logits, 0.0).unwrap();
-        assert_eq!(a.bbox, [1, 1, 5, 5]);
+        assert_eq!(a.bbox.xywh(), [1, 1, 5, 5]);
         let alpha: Vec<String> = (0..5)
             .map(|y| {
                 (0..5)

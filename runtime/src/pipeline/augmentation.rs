@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::categories::Categories;
 use super::config::{Blend, PasteConfig, RunConfig};
 use super::generation::mix_seed;
+use super::mask::{Mask, PixelBox};
 use super::output::Sink;
 use super::real_data::RealDataset;
 use super::sample::to_sample;
@@ -35,10 +36,10 @@ pub struct PoolInstance {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layer {
     pub category_id: u32,
-    /// Row-major, the canvas's size.
-    pub mask: Vec<bool>,
-    /// `[x0, y0, x1, y1]`, inclusive-exclusive, of the mask.
-    pub bbox: [u32; 4],
+    /// The canvas's size.
+    pub mask: Mask,
+    /// The mask's bounds, kept in step with it.
+    pub bbox: PixelBox,
     /// `None` for a real instance; the pool instance otherwise.
     pub source: Option<PastedFrom>,
 }
@@ -60,12 +61,6 @@ pub struct PasteStats {
     pub rejected_size: usize,
     /// Earlier instances removed by the occlusion rule.
     pub occluded_dropped: usize,
-}
-
-/// `[x0, y0, x1, y1]` (exclusive ends) of a mask, `None` when empty.
-pub fn mask_box(mask: &[bool], w: usize, h: usize) -> Option<[u32; 4]> {
-    super::annotation::tight_box(mask, w, h)
-        .map(|[x, y, bw, bh]| [x as u32, y as u32, (x + bw) as u32, (y + bh) as u32])
 }
 
 /// Pool of kept instances grouped by category, in category order (so draws are reproducible).
@@ -181,7 +176,7 @@ pub fn paste_all(
                     continue;
                 }
             };
-            let Some(bbox) = mask_box(&mask, w as usize, h as usize) else {
+            let Some(bbox) = mask.bounds() else {
                 report.real_annotations_skipped += 1;
                 continue;
             };
@@ -256,7 +251,7 @@ pub fn paste(
         // Top-left uniform in [-tw/2, w - tw/2): the centre is uniform over the image.
         let x0 = rng.random_range(-((tw / 2) as i64)..(w as i64 - (tw / 2) as i64));
         let y0 = rng.random_range(-((th / 2) as i64)..(h as i64 - (th / 2) as i64));
-        let mut mask = vec![false; (w * h) as usize];
+        let mut mask = Mask::empty(w, h);
         let soft = blend_weights(&resized, config.blend);
         for y in 0..th as i64 {
             for x in 0..tw as i64 {
@@ -266,7 +261,7 @@ pub fn paste(
                 }
                 let src = resized.get_pixel(x as u32, y as u32);
                 if src[3] > 0 {
-                    mask[(cy as u32 * w + cx as u32) as usize] = true;
+                    mask.set(cx as u32, cy as u32);
                 }
                 let a = soft[(y * tw as i64 + x) as usize];
                 if a > 0.0 {
@@ -277,11 +272,11 @@ pub fn paste(
                 }
             }
         }
-        let Some(bbox) = mask_box(&mask, w as usize, h as usize) else {
+        let Some(bbox) = mask.bounds() else {
             stats.rejected_size += 1;
             continue;
         };
-        stats.occluded_dropped += occlude(&mut layers, &mask, w as usize, h as usize, config);
+        stats.occluded_dropped += occlude(&mut layers, &mask, config);
         layers.push(Layer {
             category_id: instance.category_id,
             mask,
@@ -301,26 +296,14 @@ pub fn paste(
 /// Removes `pasted` from every earlier mask and drops the instances the occlusion rule rejects
 /// (box moved more than `bbox_occluded_thr` on some side and at most `mask_occluded_thr` pixels
 /// left). Returns how many were dropped.
-pub fn occlude(layers: &mut Vec<Layer>, pasted: &[bool], w: usize, h: usize, config: &PasteConfig) -> usize {
+pub fn occlude(layers: &mut Vec<Layer>, pasted: &Mask, config: &PasteConfig) -> usize {
     let before = layers.len();
     layers.retain_mut(|layer| {
-        let mut remaining = 0u64;
-        for (m, &new) in layer.mask.iter_mut().zip(pasted) {
-            if new {
-                *m = false;
-            }
-            remaining += *m as u64;
-        }
-        let Some(now) = mask_box(&layer.mask, w, h) else {
+        let remaining = layer.mask.subtract(pasted) as u64;
+        let Some(now) = layer.mask.bounds() else {
             return false;
         };
-        let moved = layer
-            .bbox
-            .iter()
-            .zip(&now)
-            .map(|(&a, &b)| a.abs_diff(b))
-            .max()
-            .unwrap_or(0);
+        let moved = layer.bbox.largest_side_shift(&now);
         layer.bbox = now;
         moved as f64 <= config.bbox_occluded_thr || remaining > config.mask_occluded_thr
     });
@@ -378,18 +361,22 @@ mod tests {
     }
 
     fn rect_layer(w: u32, h: u32, [x0, y0, x1, y1]: [u32; 4]) -> Layer {
-        let mut mask = vec![false; (w * h) as usize];
+        let mut mask = Mask::empty(w, h);
         for y in y0..y1 {
             for x in x0..x1 {
-                mask[(y * w + x) as usize] = true;
+                mask.set(x, y);
             }
         }
         Layer {
             category_id: 1,
             mask,
-            bbox: [x0, y0, x1, y1],
+            bbox: PixelBox { x0, y0, x1, y1 },
             source: None,
         }
+    }
+
+    fn corners(b: PixelBox) -> [u32; 4] {
+        [b.x0, b.y0, b.x1, b.y1]
     }
 
     #[test]
@@ -443,26 +430,28 @@ mod tests {
             // Untouched → kept as is.
             rect_layer(w, h, [60, 60, 70, 70]),
         ];
-        let mut pasted = vec![false; (w * h) as usize];
+        let mut pasted = Mask::empty(w, h);
         for y in 0..h {
             for x in 0..w {
                 if x < 30 || (100..120).contains(&x) || (x == 150 && y >= 60) {
-                    pasted[(y * w + x) as usize] = true;
+                    pasted.set(x, y);
                 }
             }
         }
-        let dropped = occlude(&mut layers, &pasted, w as usize, h as usize, &PasteConfig::default());
+        let dropped = occlude(&mut layers, &pasted, &PasteConfig::default());
         assert_eq!(dropped, 2);
-        let boxes: Vec<[u32; 4]> = layers.iter().map(|l| l.bbox).collect();
+        let boxes: Vec<[u32; 4]> = layers.iter().map(|l| corners(l.bbox)).collect();
         assert_eq!(boxes, [[120, 10, 140, 50], [151, 60, 180, 90], [60, 60, 70, 70]]);
         // With 301 px left the first one would stay: the rule is "more than 300".
         let mut one = vec![rect_layer(w, h, [10, 10, 40, 40])];
-        one[0].mask[(45 * w + 45) as usize] = true;
-        one[0].bbox = [10, 10, 46, 46];
-        assert_eq!(
-            occlude(&mut one, &pasted, w as usize, h as usize, &PasteConfig::default()),
-            0
-        );
+        one[0].mask.set(45, 45);
+        one[0].bbox = PixelBox {
+            x0: 10,
+            y0: 10,
+            x1: 46,
+            y1: 46,
+        };
+        assert_eq!(occlude(&mut one, &pasted, &PasteConfig::default()), 0);
     }
 
     #[test]
@@ -480,9 +469,9 @@ mod tests {
             total.drawn += s.drawn;
             let mut owner = vec![0u32; 160 * 120];
             for layer in &layers {
-                assert_eq!(layer.mask.len(), 160 * 120);
-                assert_eq!(mask_box(&layer.mask, 160, 120), Some(layer.bbox));
-                for (i, &m) in layer.mask.iter().enumerate() {
+                assert_eq!((layer.mask.width(), layer.mask.height()), (160, 120));
+                assert_eq!(layer.mask.bounds(), Some(layer.bbox));
+                for (i, &m) in layer.mask.bits().iter().enumerate() {
                     if m {
                         owner[i] += 1;
                         // Pasted pixels are painted with the instance's colour.

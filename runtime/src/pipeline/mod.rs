@@ -19,6 +19,7 @@ pub mod config;
 pub mod filtering;
 pub mod generation;
 pub mod manifest;
+pub mod mask;
 pub mod memory;
 pub mod output;
 pub mod prompts;
@@ -366,7 +367,7 @@ fn finish(
     record.clip_score = judgement.score;
     record.score_kind = judgement.kind.into();
     record.kept = judgement.kept;
-    record.bbox = Some(instance.bbox);
+    record.bbox = Some(instance.bbox.xywh());
     record.area_fraction = Some(instance.area_fraction);
     let folder = if judgement.kept {
         "pool"

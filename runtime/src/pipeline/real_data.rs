@@ -8,6 +8,8 @@ use divergen_protocol::Rle;
 use image::{Rgb, RgbImage};
 use serde::Deserialize;
 
+use super::mask::Mask;
+
 #[derive(Deserialize)]
 struct CocoJson {
     images: Vec<ImageEntry>,
@@ -140,8 +142,8 @@ impl RealImage {
 }
 
 impl Segmentation {
-    /// The mask, row-major, `height × width`.
-    pub fn to_mask(&self, width: u32, height: u32) -> Result<Vec<bool>, String> {
+    /// The mask over a `width × height` image.
+    pub fn to_mask(&self, width: u32, height: u32) -> Result<Mask, String> {
         match self {
             Segmentation::Polygons(polys) => {
                 for p in polys {
@@ -152,7 +154,11 @@ impl Segmentation {
                         ));
                     }
                 }
-                Ok(rasterize_polygons(polys, width as usize, height as usize))
+                Ok(Mask::from_bits(
+                    width,
+                    height,
+                    rasterize_polygons(polys, width as usize, height as usize),
+                ))
             }
             Segmentation::Rle { counts, size } => {
                 if *size != [height, width] {
@@ -168,7 +174,11 @@ impl Segmentation {
                     counts,
                 };
                 rle.check().map_err(String::from)?;
-                Ok(rle.to_row_major().into_iter().map(|v| v != 0).collect())
+                Ok(Mask::from_bits(
+                    width,
+                    height,
+                    rle.to_row_major().into_iter().map(|v| v != 0).collect(),
+                ))
             }
         }
     }
@@ -242,16 +252,15 @@ pub fn rasterize_polygons(polys: &[Vec<f64>], w: usize, h: usize) -> Vec<bool> {
 /// A real instance as DiverGen embeds it (`convert_lvis_to_coco_crop.py --mode padding --fill
 /// blur --padding_width 40`): outside the mask the image is replaced by its 10×10 box blur, and
 /// the mask's box padded by 40 px a side, clipped to the image, is cropped.
-pub fn blurred_crop(image: &RgbImage, blurred: &RgbImage, mask: &[bool], padding: u32) -> Option<RgbImage> {
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    let [x, y, bw, bh] = super::annotation::tight_box(mask, w, h)?;
-    let x0 = (x as u32).saturating_sub(padding);
-    let y0 = (y as u32).saturating_sub(padding);
-    let x1 = ((x + bw) as u32 + padding).min(w as u32);
-    let y1 = ((y + bh) as u32 + padding).min(h as u32);
+pub fn blurred_crop(image: &RgbImage, blurred: &RgbImage, mask: &Mask, padding: u32) -> Option<RgbImage> {
+    let b = mask.bounds()?;
+    let x0 = b.x0.saturating_sub(padding);
+    let y0 = b.y0.saturating_sub(padding);
+    let x1 = (b.x1 + padding).min(image.width());
+    let y1 = (b.y1 + padding).min(image.height());
     Some(RgbImage::from_fn(x1 - x0, y1 - y0, |cx, cy| {
         let (sx, sy) = (x0 + cx, y0 + cy);
-        if mask[sy as usize * w + sx as usize] {
+        if mask.get(sx, sy) {
             *image.get_pixel(sx, sy)
         } else {
             *blurred.get_pixel(sx, sy)
@@ -369,10 +378,10 @@ mod tests {
     fn the_blurred_crop_pads_and_clips() {
         let img = RgbImage::from_fn(100, 80, |x, y| Rgb([x as u8, y as u8, 0]));
         let blurred = RgbImage::from_pixel(100, 80, Rgb([9, 9, 9]));
-        let mut mask = vec![false; 100 * 80];
+        let mut mask = Mask::empty(100, 80);
         for y in 10..20 {
             for x in 70..90 {
-                mask[y * 100 + x] = true;
+                mask.set(x, y);
             }
         }
         let crop = blurred_crop(&img, &blurred, &mask, 40).unwrap();

@@ -1,7 +1,7 @@
 //! A pasted canvas as the wire's [`Sample`]: what the local store and the host write as
 //! LVIS/COCO.
 
-use divergen_protocol::{ImageData, Instance, Origin, Provenance, Rle, Sample};
+use divergen_protocol::{ImageData, Instance, Origin, Provenance, Sample};
 use image::RgbImage;
 
 use super::augmentation::Layer;
@@ -9,7 +9,7 @@ use super::config::RunConfig;
 use super::real_data::ImageEntry;
 
 /// The `seq`-th sample of the run: the canvas as PNG, each surviving layer as an instance (box
-/// `[x, y, w, h]`, mask as column-major RLE, real or generated with its provenance).
+/// `[x, y, w, h]`, mask as COCO RLE, real or generated with its provenance).
 pub fn to_sample(
     config: &RunConfig,
     run_id: &str,
@@ -21,23 +21,19 @@ pub fn to_sample(
     let (w, h) = (image.width(), image.height());
     let instances = layers
         .iter()
-        .map(|l| {
-            let bytes: Vec<u8> = l.mask.iter().map(|&m| m as u8).collect();
-            let [x0, y0, x1, y1] = l.bbox;
-            Instance {
-                category_id: l.category_id,
-                bbox: [x0 as f32, y0 as f32, (x1 - x0) as f32, (y1 - y0) as f32],
-                mask: Rle::from_row_major(h, w, &bytes),
-                origin: match l.source {
-                    None => Origin::Real,
-                    Some(p) => Origin::Generated {
-                        generator_id: p.generator_id,
-                        prompt_id: p.prompt_id,
-                        clip_score: if p.clip_score.is_finite() { p.clip_score } else { 0.0 },
-                        sam_iou: p.sam_iou,
-                    },
+        .map(|l| Instance {
+            category_id: l.category_id,
+            bbox: l.bbox.xywh().map(|v| v as f32),
+            mask: l.mask.to_rle(),
+            origin: match l.source {
+                None => Origin::Real,
+                Some(p) => Origin::Generated {
+                    generator_id: p.generator_id,
+                    prompt_id: p.prompt_id,
+                    clip_score: if p.clip_score.is_finite() { p.clip_score } else { 0.0 },
+                    sam_iou: p.sam_iou,
                 },
-            }
+            },
         })
         .collect();
     Sample {
@@ -72,6 +68,7 @@ fn negative_categories(entry: &ImageEntry, layers: &[Layer]) -> Vec<u32> {
 mod tests {
     use super::*;
     use crate::pipeline::augmentation::PastedFrom;
+    use crate::pipeline::mask::{Mask, PixelBox};
 
     #[test]
     fn a_pasted_category_leaves_the_negative_list() {
@@ -86,8 +83,13 @@ mod tests {
         };
         let layer = |category_id, source| Layer {
             category_id,
-            mask: vec![true, false],
-            bbox: [0, 0, 1, 1],
+            mask: Mask::from_bits(2, 1, vec![true, false]),
+            bbox: PixelBox {
+                x0: 0,
+                y0: 0,
+                x1: 1,
+                y1: 1,
+            },
             source,
         };
         let pasted = PastedFrom {
