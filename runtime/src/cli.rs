@@ -1,6 +1,7 @@
 //! Flags every divergen binary takes (`divergen`, `divergen-train`): one definition, so each
 //! command of each binary opens the device its flags ask for.
 
+use crate::Result;
 use clap::{Args, ValueEnum};
 use divergen_kernels::device::{DeviceRequest, LimitsProfile};
 use divergen_kernels::variants::KernelFamily;
@@ -69,7 +70,7 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    pub fn request(&self) -> Result<DeviceRequest, String> {
+    pub fn request(&self) -> Result<DeviceRequest> {
         Ok(DeviceRequest {
             adapter: self.adapter.clone().filter(|s| !s.trim().is_empty()),
             backend: self.backend.clone().filter(|s| !s.trim().is_empty()),

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::Result;
 use crate::domain::{self, DomainConfig};
 
 /// The default run's config (paths relative to `<out>/embedded/`).
@@ -38,12 +39,12 @@ pub const MODEL_FILES: &[(&str, &[u8])] = shipped![
 /// Writes the domain (if its `domain.json` is not already the default's) and the shipped
 /// models (each only if missing or different) under `root`, then the run config; returns the
 /// config's path.
-pub fn prepare(root: &Path) -> Result<PathBuf, String> {
+pub fn prepare(root: &Path) -> Result<PathBuf> {
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     let domain_dir = root.join("domain");
     let config = DomainConfig::default();
     let marker = domain_dir.join("domain.json");
-    let wanted = serde_json::to_value(&config).map_err(|e| e.to_string())?;
+    let wanted = serde_json::to_value(&config)?;
     let current = std::fs::read(&marker)
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());

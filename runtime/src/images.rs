@@ -12,17 +12,19 @@ use zune_core::bytestream::ZCursor;
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 
+use crate::{Error, Result};
+
 /// Decodes the image file at `path`; errors name the file.
-pub fn open(path: &Path) -> Result<DynamicImage, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+pub fn open(path: &Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    decode(&bytes).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
 /// Decodes an image from memory, JPEGs strictly (see the module's documentation).
-pub fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
+pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
     let format = image::guess_format(bytes).map_err(|e| e.to_string())?;
     if format != ImageFormat::Jpeg {
-        return image::load_from_memory_with_format(bytes, format).map_err(|e| e.to_string());
+        return image::load_from_memory_with_format(bytes, format).map_err(|e| e.to_string().into());
     }
     let options = DecoderOptions::default()
         .set_strict_mode(true)
@@ -40,7 +42,7 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
     );
     RgbImage::from_raw(w, h, pixels)
         .map(DynamicImage::ImageRgb8)
-        .ok_or_else(|| format!("JPEG decoded to the wrong number of bytes for {w}x{h}"))
+        .ok_or_else(|| format!("JPEG decoded to the wrong number of bytes for {w}x{h}").into())
 }
 
 #[cfg(test)]
@@ -82,7 +84,7 @@ mod tests {
         assert!(image::load_from_memory(&bytes[..bytes.len() / 2]).is_ok());
         let half = dir.path().join("half.jpg");
         std::fs::write(&half, &bytes[..bytes.len() / 2]).unwrap();
-        let err = open(&half).unwrap_err();
+        let err = open(&half).unwrap_err().to_string();
         assert!(err.contains("half.jpg") && err.contains("JPEG"), "{err}");
         let mut png = Vec::new();
         gradient()
@@ -90,9 +92,9 @@ mod tests {
             .unwrap();
         let cut = dir.path().join("cut.png");
         std::fs::write(&cut, &png[..png.len() / 2]).unwrap();
-        assert!(open(&cut).unwrap_err().contains("cut.png"));
+        assert!(open(&cut).unwrap_err().to_string().contains("cut.png"));
         let junk = dir.path().join("junk.jpg");
         std::fs::write(&junk, b"not an image at all").unwrap();
-        assert!(open(&junk).unwrap_err().contains("junk.jpg"));
+        assert!(open(&junk).unwrap_err().to_string().contains("junk.jpg"));
     }
 }

@@ -3,7 +3,10 @@
 pub mod cli;
 pub mod domain;
 pub mod embedded;
+pub mod error;
 pub mod images;
 pub mod pipeline;
 pub mod progress;
 pub mod stream;
+
+pub use error::{Error, Result};

@@ -43,7 +43,8 @@ fn the_1453_categories_and_their_size_statistics_load() {
         ids: Some(vec![1, 99999]),
         ..config()
     })
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("99999"), "{e}");
 }
 

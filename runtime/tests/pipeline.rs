@@ -357,16 +357,16 @@ fn bad_configs_name_the_key() {
         p
     };
     let typo = write("typo.toml", &config_text("").replace("max_instances", "max_instance"));
-    let e = RunConfig::from_file(&typo).unwrap_err();
+    let e = RunConfig::from_file(&typo).unwrap_err().to_string();
     assert!(e.contains("typo.toml") && e.contains("max_instance"), "{e}");
     let bad = write(
         "bad.toml",
         &config_text("").replace("threshold = -1.0\n", "threshold = 3.0\n"),
     );
-    let e = RunConfig::from_file(&bad).unwrap_err();
+    let e = RunConfig::from_file(&bad).unwrap_err().to_string();
     assert!(e.contains("filter.threshold"), "{e}");
     let bank = write("bank.toml", &config_text("").replace("prompt_bank = \"bank\"\n", ""));
-    let e = RunConfig::from_file(&bank).unwrap_err();
+    let e = RunConfig::from_file(&bank).unwrap_err().to_string();
     assert!(e.contains("generation.prompt_bank"), "{e}");
 }
 
@@ -437,7 +437,9 @@ fn annotations_of_unknown_categories_are_named_and_can_stop_the_run() {
         "annotations = \"instances-unknown.json\"\nunknown_categories = \"error\"",
     ));
     let out = tempfile::tempdir().unwrap();
-    let err = pipeline::run(&strict, out.path(), &Destination::Local, &devices()[0].device, "test").unwrap_err();
+    let err = pipeline::run(&strict, out.path(), &Destination::Local, &devices()[0].device, "test")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("999 (2×)") && err.contains("998 (1×)") && err.contains("instances-unknown.json"),
         "{err}"

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use self::render::{Appearance, background, caption, white_render};
 use self::shapes::SHAPES;
+use crate::Result;
 use crate::pipeline::mix_seed;
 
 #[derive(Clone, Debug, Serialize)]
@@ -130,7 +131,7 @@ pub fn scene(config: &DomainConfig, split: u64, index: usize) -> Scene {
 }
 
 /// Writes the domain under `out`; returns what it wrote.
-pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary, String> {
+pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |e: std::io::Error| format!("{}: {e}", p.display())
@@ -269,7 +270,7 @@ pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary, String>
                     colour: render::COLOURS[a.colour].0.into(),
                     texture: a.texture.word().into(),
                 };
-                lines.push_str(&serde_json::to_string(&record).map_err(|e| e.to_string())?);
+                lines.push_str(&serde_json::to_string(&record)?);
                 lines.push('\n');
                 summary.renders += 1;
             }
@@ -305,7 +306,7 @@ pub fn write(out: &Path, config: &DomainConfig) -> Result<DomainSummary, String>
     Ok(summary)
 }
 
-fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), String> {
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     crate::pipeline::write_json(path, value)
 }
 

@@ -8,6 +8,7 @@ use divergen_models::sam::{Point, PointLabel, Prompt, Sam};
 use image::{Rgb, RgbImage, RgbaImage};
 
 use super::mask::{Mask, PixelBox};
+use crate::Result;
 
 /// DiverGen's prompt: `[m,m], [0,W-1-m], [H-1-m,m], [H-1-m,W-1-m]` with margin 0, all positive.
 pub fn corner_prompt(width: u32, height: u32) -> Prompt {
@@ -65,10 +66,10 @@ pub struct Annotation {
 }
 
 /// Prompts SAM with the corners, takes the background mask and makes the instance from it.
-pub fn annotate(sam: &Sam, image: &RgbImage, min_area: f64) -> Result<Annotation, String> {
-    let embedding = sam.embed_image(image).map_err(|e| e.to_string())?;
+pub fn annotate(sam: &Sam, image: &RgbImage, min_area: f64) -> Result<Annotation> {
+    let embedding = sam.embed_image(image)?;
     let prompt = corner_prompt(image.width(), image.height());
-    let prediction = sam.predict(&embedding, &prompt, true).map_err(|e| e.to_string())?;
+    let prediction = sam.predict(&embedding, &prompt, true)?;
     let (Some(logits), Some(&sam_iou)) = (
         prediction.masks.get(BACKGROUND_MASK_INDEX),
         prediction.iou.get(BACKGROUND_MASK_INDEX),

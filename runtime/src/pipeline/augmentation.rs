@@ -20,6 +20,7 @@ use super::mask::{Mask, PixelBox};
 use super::output::Sink;
 use super::real_data::RealDataset;
 use super::sample::to_sample;
+use crate::Result;
 
 /// One kept generated instance.
 #[derive(Clone, Debug)]
@@ -152,7 +153,7 @@ pub fn paste_all(
     categories: &Categories,
     pool: &Pool,
     sink: &mut Sink,
-) -> Result<PasteReport, String> {
+) -> Result<PasteReport> {
     let count = config.paste.images.unwrap_or(real.images.len());
     let mut report = PasteReport::default();
     let bar = crate::progress::Progress::new("paste", count as u64);

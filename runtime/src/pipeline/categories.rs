@@ -9,6 +9,7 @@ use divergen_dataset::coco::CatInfo;
 use divergen_protocol::{Category, CategoryTable};
 
 use super::config::CategoriesConfig;
+use crate::Result;
 
 /// The run's categories: the whole table (the output dataset's, so every real annotation keeps
 /// its category), the ids this run generates for, and the size statistics.
@@ -22,7 +23,7 @@ pub struct Categories {
 }
 
 impl Categories {
-    pub fn load(config: &CategoriesConfig) -> Result<Self, String> {
+    pub fn load(config: &CategoriesConfig) -> Result<Self> {
         let path = &config.table;
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let infos: Vec<CatInfo> = serde_json::from_str(&text).map_err(|e| {
@@ -56,7 +57,7 @@ impl Categories {
         table.validate().map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(ids) = &config.ids {
             if let Some(missing) = ids.iter().find(|id| !categories.iter().any(|c| c.id == **id)) {
-                return Err(format!("categories.ids: {missing} is not in {}", path.display()));
+                return Err(format!("categories.ids: {missing} is not in {}", path.display()).into());
             }
             categories.retain(|c| ids.contains(&c.id));
         }
@@ -70,7 +71,8 @@ impl Categories {
             return Err(format!(
                 "categories: no category of {} is left after ids/frequency/limit",
                 path.display()
-            ));
+            )
+            .into());
         }
         let selected = categories.iter().map(|c| c.id).collect();
         let area_stats = match &config.area_stats {
@@ -91,7 +93,7 @@ impl Categories {
 
 /// `area_mean_std2.json` keys categories by their LVIS id ("1" … "1203"; unlike the pool
 /// files, which are 0-based).
-pub fn read_area_stats(path: &Path) -> Result<HashMap<u32, (f64, f64)>, String> {
+pub fn read_area_stats(path: &Path) -> Result<HashMap<u32, (f64, f64)>> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let raw: HashMap<String, [f64; 2]> = serde_json::from_str(&text)
         .map_err(|e| format!("{}: expected {{\"<category id>\": [mean, std]}}: {e}", path.display()))?;
@@ -103,7 +105,7 @@ pub fn read_area_stats(path: &Path) -> Result<HashMap<u32, (f64, f64)>, String> 
             .filter(|&id| id > 0)
             .ok_or_else(|| format!("{}: key {key:?} is not a category id", path.display()))?;
         if !(mean.is_finite() && std.is_finite() && mean > 0.0 && std >= 0.0) {
-            return Err(format!("{}: category {id} has mean {mean}, std {std}", path.display()));
+            return Err(format!("{}: category {id} has mean {mean}, std {std}", path.display()).into());
         }
         stats.insert(id, (mean, std));
     }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::Result;
 use divergen_models::diffusion::mix::GeneratorSpec;
 use divergen_models::layers::Quantization;
 use serde::{Deserialize, Serialize};
@@ -303,7 +304,7 @@ fn default_shard_size() -> usize {
 }
 
 impl RunConfig {
-    pub fn from_file(path: &Path) -> Result<Self, String> {
+    pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut config: RunConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -342,7 +343,7 @@ impl RunConfig {
     }
 
     /// Values serde cannot check; each error names its key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         let g = &self.generation;
         if g.images_per_category == 0 {
             return Err("generation.images_per_category must be at least 1".into());
@@ -364,28 +365,20 @@ impl RunConfig {
         if let Some(f) = &self.categories.frequency
             && let Some(bad) = f.iter().find(|f| !matches!(f.as_str(), "r" | "c" | "f"))
         {
-            return Err(format!(
-                "categories.frequency: {bad:?} is not one of \"r\", \"c\", \"f\""
-            ));
+            return Err(format!("categories.frequency: {bad:?} is not one of \"r\", \"c\", \"f\"").into());
         }
         if self.categories.limit == Some(0) {
             return Err("categories.limit must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.annotation.min_area) {
-            return Err(format!(
-                "annotation.min_area {} must be in [0, 1)",
-                self.annotation.min_area
-            ));
+            return Err(format!("annotation.min_area {} must be in [0, 1)", self.annotation.min_area).into());
         }
         let f = &self.filter;
         if !(-1.0..=1.0).contains(&f.threshold) {
-            return Err(format!("filter.threshold {} must be a cosine in [-1, 1]", f.threshold));
+            return Err(format!("filter.threshold {} must be a cosine in [-1, 1]", f.threshold).into());
         }
         if !(-1.0..=1.0).contains(&f.text_threshold) {
-            return Err(format!(
-                "filter.text_threshold {} must be a cosine in [-1, 1]",
-                f.text_threshold
-            ));
+            return Err(format!("filter.text_threshold {} must be a cosine in [-1, 1]", f.text_threshold).into());
         }
         if f.max_real_per_category == 0 {
             return Err("filter.max_real_per_category must be at least 1".into());
@@ -396,16 +389,16 @@ impl RunConfig {
         }
         let [lo, hi] = p.random_scale;
         if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
-            return Err(format!("paste.random_scale [{lo}, {hi}] must be 0 < min ≤ max"));
+            return Err(format!("paste.random_scale [{lo}, {hi}] must be 0 < min ≤ max").into());
         }
         if !(0.0..1.0).contains(&p.shape_jitter) {
-            return Err(format!("paste.shape_jitter {} must be in [0, 1)", p.shape_jitter));
+            return Err(format!("paste.shape_jitter {} must be in [0, 1)", p.shape_jitter).into());
         }
         if !(0.0..=1.0).contains(&p.flip) {
-            return Err(format!("paste.flip {} must be a probability", p.flip));
+            return Err(format!("paste.flip {} must be a probability", p.flip).into());
         }
         if p.bbox_occluded_thr.is_nan() || p.bbox_occluded_thr < 0.0 {
-            return Err(format!("paste.bbox_occluded_thr {} must be ≥ 0", p.bbox_occluded_thr));
+            return Err(format!("paste.bbox_occluded_thr {} must be ≥ 0", p.bbox_occluded_thr).into());
         }
         if self.output.shard_size == 0 {
             return Err("output.shard_size must be at least 1".into());

@@ -23,6 +23,7 @@ use super::config::{FilterConfig, NoRealPolicy, RunConfig};
 use super::memory::Slot;
 use super::prompts;
 use super::real_data::{RealDataset, blurred_crop, box_blur};
+use crate::Result;
 
 /// DiverGen's padding around a real instance's box, per side.
 pub const REAL_CROP_PADDING: u32 = 40;
@@ -32,25 +33,25 @@ pub const REAL_BLUR_KERNEL: usize = 10;
 const CLIP_BATCH: usize = 8;
 
 /// L2-normalised CLIP image embeddings, one row per image.
-pub fn embed_images(clip: &Clip, images: &[RgbImage], device: &Device) -> Result<Vec<Vec<f32>>, String> {
+pub fn embed_images(clip: &Clip, images: &[RgbImage], device: &Device) -> Result<Vec<Vec<f32>>> {
     let size = clip.config.vision_config.image_size;
     let mut out = Vec::with_capacity(images.len());
     for chunk in images.chunks(CLIP_BATCH) {
         let pixels: Vec<f32> = chunk.iter().flat_map(|i| pixel_values_sized(i, size as u32)).collect();
         let batch = Tensor::from_data(TensorData::new(pixels, [chunk.len(), 3, size, size]), device);
-        let e = clip.vision.forward(batch).map_err(|e| e.to_string())?;
-        out.extend(unit_rows(e).map_err(|e| e.to_string())?);
+        let e = clip.vision.forward(batch)?;
+        out.extend(unit_rows(e)?);
     }
     Ok(out)
 }
 
 /// L2-normalised CLIP text embeddings.
-pub fn embed_texts(clip: &Clip, tokenizer: &ClipTokenizer, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+pub fn embed_texts(clip: &Clip, tokenizer: &ClipTokenizer, texts: &[String]) -> Result<Vec<Vec<f32>>> {
     let ids: Vec<Vec<u32>> = texts
         .iter()
         .map(|t| tokenizer.encode_padded(t, tokenizer.end_id()).0)
         .collect();
-    unit_rows(clip.text.forward(&ids).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
+    Ok(unit_rows(clip.text.forward(&ids)?)?)
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -86,7 +87,7 @@ impl References {
         clip: &mut Slot<Clip>,
         tokenizer: &ClipTokenizer,
         device: &Device,
-    ) -> Result<Self, String> {
+    ) -> Result<Self> {
         let clip_quant: divergen_models::layers::Quantization = config.filter.quant.into();
         let key = bank_key(
             &config.real.annotations,
@@ -116,7 +117,7 @@ impl References {
                     let category = categories.get(c).ok_or_else(|| format!("category {c} vanished"))?;
                     Ok(format!("a photo of {}", prompts::display_name(category)))
                 })
-                .collect::<Result<_, String>>()?;
+                .collect::<Result<_>>()?;
             without_real
                 .iter()
                 .copied()
@@ -183,7 +184,7 @@ impl RealBank {
 }
 
 /// SHA-256 of a file's bytes, streamed.
-pub fn file_sha256(path: &Path) -> Result<String, String> {
+pub fn file_sha256(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -203,7 +204,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// The cache key: the dataset's annotations, the CLIP folder's config and weights, the
 /// quantization and the crop cap. Images are named by the annotations, so they are covered.
-pub fn bank_key(annotations: &Path, clip_dir: &Path, quant: &str, max_per_category: usize) -> Result<String, String> {
+pub fn bank_key(annotations: &Path, clip_dir: &Path, quant: &str, max_per_category: usize) -> Result<String> {
     let mut h = Sha256::new();
     h.update(file_sha256(annotations)?.as_bytes());
     for f in ["config.json", "model.safetensors"] {
@@ -223,7 +224,7 @@ pub fn real_bank(
     max_per_category: usize,
     clip: &Clip,
     device: &Device,
-) -> Result<(RealBank, BankStats), String> {
+) -> Result<(RealBank, BankStats)> {
     let path = cache_path(cache_dir, key);
     let mut bank = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice::<RealBank>(&bytes) {
@@ -271,17 +272,16 @@ pub fn real_bank(
     }
     let mut sums: BTreeMap<u32, (usize, Vec<f32>)> = BTreeMap::new();
     let mut pending: Vec<(u32, RgbImage)> = Vec::new();
-    let flush =
-        |pending: &mut Vec<(u32, RgbImage)>, sums: &mut BTreeMap<u32, (usize, Vec<f32>)>| -> Result<(), String> {
-            let images: Vec<RgbImage> = pending.iter().map(|(_, i)| i.clone()).collect();
-            for ((c, _), e) in pending.iter().zip(embed_images(clip, &images, device)?) {
-                let entry = sums.entry(*c).or_insert_with(|| (0, vec![0.0; e.len()]));
-                entry.0 += 1;
-                entry.1.iter_mut().zip(&e).for_each(|(s, v)| *s += v);
-            }
-            pending.clear();
-            Ok(())
-        };
+    let flush = |pending: &mut Vec<(u32, RgbImage)>, sums: &mut BTreeMap<u32, (usize, Vec<f32>)>| -> Result<()> {
+        let images: Vec<RgbImage> = pending.iter().map(|(_, i)| i.clone()).collect();
+        for ((c, _), e) in pending.iter().zip(embed_images(clip, &images, device)?) {
+            let entry = sums.entry(*c).or_insert_with(|| (0, vec![0.0; e.len()]));
+            entry.0 += 1;
+            entry.1.iter_mut().zip(&e).for_each(|(s, v)| *s += v);
+        }
+        pending.clear();
+        Ok(())
+    };
     for (&i, anns) in &by_image {
         let real = &dataset.images[i];
         let img = real.open()?;
@@ -318,7 +318,7 @@ pub fn real_bank(
         stats.computed += 1;
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
-    let bytes = serde_json::to_vec(&bank).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec(&bank)?;
     divergen_dataset::files::write_atomically(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((bank, stats))
 }

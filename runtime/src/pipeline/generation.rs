@@ -11,6 +11,7 @@ use super::categories::Categories;
 use super::config::RunConfig;
 use super::memory::PeakMemory;
 use super::prompts;
+use crate::Result;
 use crate::progress::Progress;
 
 /// One image to generate.
@@ -40,7 +41,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(config: &RunConfig, categories: &Categories, mix: &GeneratorMix) -> Result<Self, String> {
+    pub fn new(config: &RunConfig, categories: &Categories, mix: &GeneratorMix) -> Result<Self> {
         let generation = &config.generation;
         let mut plan = Plan {
             prompts: Vec::new(),
@@ -112,7 +113,7 @@ pub fn generate(
     done: u64,
     device: &Device,
     peak: &mut PeakMemory,
-) -> Result<Vec<(usize, RgbImage)>, String> {
+) -> Result<Vec<(usize, RgbImage)>> {
     let mut images: Vec<(usize, RgbImage)> = Vec::with_capacity(batch.len());
     for (g, sd) in diffusion.iter_mut().enumerate() {
         let mine: Vec<usize> = batch.iter().copied().filter(|&j| plan.jobs[j].generator == g).collect();

@@ -14,6 +14,7 @@ use super::config::RunConfig;
 use super::filtering::{self, BankStats, RealBank};
 use super::output::SinkReport;
 use super::scheduler;
+use crate::{Error, Result};
 
 /// One generated image: what made it and what became of it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -165,15 +166,15 @@ pub fn category_reports(
         .collect()
 }
 
-pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
-    divergen_dataset::files::write_atomically(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)?;
+    divergen_dataset::files::write_atomically(path, &bytes).map_err(Error::io(path))
 }
 
 /// X-Paste's pool file: 0-based category index → `*`-prefixed paths of pre-cropped RGBA
 /// instances (the `*` tells its loader they are already processed). Paths are absolute so the
 /// file works from any working directory.
-pub fn write_pool(out: &Path, pool_dir: &Path, records: &[InstanceRecord]) -> Result<(), String> {
+pub fn write_pool(out: &Path, pool_dir: &Path, records: &[InstanceRecord]) -> Result<()> {
     std::fs::create_dir_all(pool_dir).map_err(|e| format!("{}: {e}", pool_dir.display()))?;
     let root = std::fs::canonicalize(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut pool: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -188,8 +189,8 @@ pub fn write_pool(out: &Path, pool_dir: &Path, records: &[InstanceRecord]) -> Re
 }
 
 /// Reads a finished run's records back (for `divergen report`).
-pub fn read_records(dir: &Path) -> Result<Vec<InstanceRecord>, String> {
+pub fn read_records(dir: &Path) -> Result<Vec<InstanceRecord>> {
     let path = dir.join(super::INSTANCES);
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()).into())
 }

@@ -11,16 +11,17 @@ use divergen_models::sam::Sam;
 
 use super::config::RunConfig;
 use super::scheduler::{self, ModelPlan};
+use crate::Result;
 
 /// A model loaded on first use and, unless resident, dropped after each stage.
 pub struct Slot<'a, T> {
     resident: bool,
     model: Option<T>,
-    load: Box<dyn Fn() -> Result<T, String> + 'a>,
+    load: Box<dyn Fn() -> Result<T> + 'a>,
 }
 
 impl<'a, T> Slot<'a, T> {
-    fn new(resident: bool, load: impl Fn() -> Result<T, String> + 'a) -> Self {
+    fn new(resident: bool, load: impl Fn() -> Result<T> + 'a) -> Self {
         Slot {
             resident,
             model: None,
@@ -28,7 +29,7 @@ impl<'a, T> Slot<'a, T> {
         }
     }
 
-    pub fn get(&mut self) -> Result<&T, String> {
+    pub fn get(&mut self) -> Result<&T> {
         if self.model.is_none() {
             self.model = Some((self.load)()?);
         }
@@ -73,25 +74,23 @@ pub struct Models<'a> {
 impl<'a> Models<'a> {
     /// Estimates each model's bytes from its checkpoint (at its quantisation), plans them under
     /// the budget and opens the generators; SAM and CLIP load on first use.
-    pub fn plan(config: &'a RunConfig, mix: &GeneratorMix, device: &'a Device) -> Result<Self, String> {
+    pub fn plan(config: &'a RunConfig, mix: &GeneratorMix, device: &'a Device) -> Result<Self> {
         let gen_quant: Quantization = config.generation.quant.into();
         let mut diffusion: Vec<StableDiffusion> = (0..mix.generators.len())
-            .map(|i| mix.open(i, gen_quant, device).map_err(|e| e.to_string()))
+            .map(|i| mix.open(i, gen_quant, device))
             .collect::<Result<_, _>>()?;
         let mut estimates: Vec<(String, u64)> = Vec::new();
         for (g, sd) in mix.generators.iter().zip(&diffusion) {
-            let b = sd.model_bytes().map_err(|e| e.to_string())?;
+            let b = sd.model_bytes()?;
             estimates.push((format!("{} text encoder", g.id), b.text_encoder));
             estimates.push((format!("{} unet", g.id), b.unet));
             estimates.push((format!("{} decoder", g.id), b.decoder));
         }
         let sam_quant: Quantization = config.annotation.quant.into();
         let clip_quant: Quantization = config.filter.quant.into();
-        let sam_bytes = Checkpoint::open(&config.annotation.sam)
-            .map_err(|e| e.to_string())?
-            .f32_bytes();
+        let sam_bytes = Checkpoint::open(&config.annotation.sam)?.f32_bytes();
         let clip_weights = config.filter.clip.join("model.safetensors");
-        let clip_bytes = Checkpoint::open(&clip_weights).map_err(|e| e.to_string())?.f32_bytes();
+        let clip_bytes = Checkpoint::open(&clip_weights)?.f32_bytes();
         estimates.push(("sam".into(), (sam_bytes as f64 * quantized_share(sam_quant)) as u64));
         estimates.push(("clip".into(), (clip_bytes as f64 * quantized_share(clip_quant)) as u64));
         let plan = scheduler::plan(&estimates, config.budget_mib.map(|m| m << 20))?;
@@ -112,10 +111,10 @@ impl<'a> Models<'a> {
         }
         let n = plan.len();
         let sam = Slot::new(plan[n - 2].resident, move || {
-            Sam::load(&config.annotation.sam, sam_quant, device).map_err(|e| e.to_string())
+            Ok(Sam::load(&config.annotation.sam, sam_quant, device)?)
         });
         let clip = Slot::new(plan[n - 1].resident, move || {
-            Clip::load(&config.filter.clip, clip_quant, device).map_err(|e| e.to_string())
+            Ok(Clip::load(&config.filter.clip, clip_quant, device)?)
         });
         Ok(Models {
             diffusion,

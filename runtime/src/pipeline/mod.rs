@@ -42,6 +42,7 @@ use sha2::{Digest, Sha256};
 
 pub use self::generation::mix_seed;
 pub use self::manifest::{CategoryReport, InstanceRecord, RunManifest, StageReport, Stages, read_records, write_json};
+use crate::Result;
 
 use self::annotation::{Annotation, DropReason};
 use self::augmentation::{Pool, PoolInstance};
@@ -72,12 +73,12 @@ pub const RESUME: &str = "resume";
 /// The run id: a hash of everything that shapes the output (not the budget, batch size or cache
 /// folder, which only change how it is computed), so rerunning the same run resumes it: the host
 /// and the local store drop what they already hold.
-pub fn run_id(config: &RunConfig) -> Result<String, String> {
+pub fn run_id(config: &RunConfig) -> Result<String> {
     let mut shaping = config.clone();
     shaping.budget_mib = None;
     shaping.generation.batch = 0;
     shaping.filter.cache = None;
-    let json = serde_json::to_vec(&shaping).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec(&shaping)?;
     Ok(format!("run-{}", &filtering::hex(&Sha256::digest(&json))[..16]))
 }
 
@@ -94,7 +95,7 @@ pub fn unknown_categories(real: &RealDataset, categories: &Categories) -> BTreeM
 
 /// Says which real annotations the run cannot use because their category is unknown, and stops
 /// the run if the config asks for that.
-fn check_unknown_categories(real: &RealDataset, categories: &Categories, config: &RunConfig) -> Result<(), String> {
+fn check_unknown_categories(real: &RealDataset, categories: &Categories, config: &RunConfig) -> Result<()> {
     let unknown = unknown_categories(real, categories);
     if unknown.is_empty() {
         return Ok(());
@@ -108,7 +109,7 @@ fn check_unknown_categories(real: &RealDataset, categories: &Categories, config:
         ids.join(", ")
     );
     match config.real.unknown_categories {
-        config::UnknownCategories::Error => Err(format!("{what} (real.unknown_categories = \"error\")")),
+        config::UnknownCategories::Error => Err(format!("{what} (real.unknown_categories = \"error\")").into()),
         config::UnknownCategories::Warn => {
             log::warn!("{what}; they are left out (set real.unknown_categories = \"error\" to stop instead)");
             Ok(())
@@ -123,12 +124,12 @@ pub fn run(
     destination: &Destination,
     device: &Device,
     device_name: &str,
-) -> Result<RunManifest, String> {
+) -> Result<RunManifest> {
     let run_id = run_id(config)?;
     let categories = Categories::load(&config.categories)?;
     let real = RealDataset::load(&config.real.annotations, &config.real.images)?;
     check_unknown_categories(&real, &categories, config)?;
-    let mix = GeneratorMix::new(config.generation.generators.clone()).map_err(|e| e.to_string())?;
+    let mix = GeneratorMix::new(config.generation.generators.clone())?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let manifest_path = out.join(MANIFEST);
     if manifest_path.exists() {
@@ -144,7 +145,7 @@ pub fn run(
     let plan = Plan::new(config, &categories, &mix)?;
     write_json(&out.join(PROMPTS), &plan.prompts_json())?;
     let mut models = Models::plan(config, &mix, device)?;
-    let tokenizer = ClipTokenizer::from_dir(&config.filter.clip).map_err(|e| e.to_string())?;
+    let tokenizer = ClipTokenizer::from_dir(&config.filter.clip)?;
     let mut stages = Stages::default();
     let mut peak = PeakMemory::default();
 
@@ -333,7 +334,7 @@ fn finish(
     annotation: Annotation,
     embedding: Option<Vec<f32>>,
     references: &References,
-) -> Result<Finished, String> {
+) -> Result<Finished> {
     let name = job.name();
     let mut record = InstanceRecord {
         name: name.clone(),
@@ -361,7 +362,7 @@ fn finish(
             });
         }
         (Ok(i), Some(e)) => (i, e),
-        (Ok(_), None) => return Err(format!("{name}: annotated but not embedded")),
+        (Ok(_), None) => return Err(format!("{name}: annotated but not embedded").into()),
     };
     let judgement = references.judge(job.category, &embedding, &config.filter);
     record.clip_score = judgement.score;
@@ -390,7 +391,7 @@ fn finish(
     })
 }
 
-fn encode_rgba(image: &image::RgbaImage) -> Result<Vec<u8>, String> {
+fn encode_rgba(image: &image::RgbaImage) -> Result<Vec<u8>> {
     let mut png = Vec::new();
     image
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)

@@ -13,6 +13,7 @@ use divergen_dataset::{Store, StoreConfig};
 use divergen_protocol::{CategoryTable, Sample};
 use serde::Serialize;
 
+use crate::Result;
 use crate::stream::{Outbox, OutboxConfig, StreamConfig, Streamer, transport};
 
 /// Samples waiting between paste and output, at most.
@@ -37,11 +38,11 @@ pub enum Target<'a> {
 /// A writer thread behind a bounded queue.
 pub struct Sink {
     sender: Option<SyncSender<Sample>>,
-    worker: Option<JoinHandle<Result<SinkReport, String>>>,
+    worker: Option<JoinHandle<Result<SinkReport>>>,
 }
 
 impl Sink {
-    pub fn open(target: Target, device_id: &str, run_id: &str, table: CategoryTable) -> Result<Self, String> {
+    pub fn open(target: Target, device_id: &str, run_id: &str, table: CategoryTable) -> Result<Self> {
         let (sender, receiver) = sync_channel::<Sample>(QUEUE);
         let key: SessionKey = (device_id.to_string(), run_id.to_string());
         let worker = match target {
@@ -58,7 +59,7 @@ impl Sink {
                             "{}: holds a dataset with another category table ({} categories); use another output folder",
                             dir.display(),
                             pinned.categories.len()
-                        ));
+                        ).into());
                     }
                     Some(_) => {}
                     None => store
@@ -86,7 +87,7 @@ impl Sink {
     }
 
     /// Queues a sample; blocks while the queue is full. An error means the writer stopped.
-    pub fn send(&mut self, sample: Sample) -> Result<(), String> {
+    pub fn send(&mut self, sample: Sample) -> Result<()> {
         let sent = self.sender.as_ref().map(|s| s.send(sample).is_ok()).unwrap_or(false);
         if sent {
             return Ok(());
@@ -95,11 +96,11 @@ impl Sink {
         Err(self.join().err().unwrap_or_else(|| "the output writer stopped".into()))
     }
 
-    pub fn finish(mut self) -> Result<SinkReport, String> {
+    pub fn finish(mut self) -> Result<SinkReport> {
         self.join()
     }
 
-    fn join(&mut self) -> Result<SinkReport, String> {
+    fn join(&mut self) -> Result<SinkReport> {
         self.sender = None;
         match self.worker.take() {
             Some(w) => w.join().map_err(|_| "the output writer panicked".to_string())?,
@@ -108,16 +109,11 @@ impl Sink {
     }
 }
 
-fn write_local(
-    mut store: Store,
-    key: SessionKey,
-    samples: Receiver<Sample>,
-    target: String,
-) -> Result<SinkReport, String> {
+fn write_local(mut store: Store, key: SessionKey, samples: Receiver<Sample>, target: String) -> Result<SinkReport> {
     let mut batch = Vec::with_capacity(COMMIT_BATCH);
     let mut total = 0u64;
     let before = store.stats().duplicates;
-    let commit = |store: &mut Store, batch: &mut Vec<Sample>| -> Result<(), String> {
+    let commit = |store: &mut Store, batch: &mut Vec<Sample>| -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -125,10 +121,7 @@ fn write_local(
             .commit(&key, std::mem::take(batch))
             .map_err(|e| format!("{target}: {e}"))?;
         if committed.gap {
-            return Err(format!(
-                "{target}: samples out of order (next expected {})",
-                committed.next_seq
-            ));
+            return Err(format!("{target}: samples out of order (next expected {})", committed.next_seq).into());
         }
         Ok(())
     };
@@ -149,12 +142,7 @@ fn write_local(
     })
 }
 
-fn stream(
-    outbox: Arc<Outbox>,
-    streamer: Streamer,
-    samples: Receiver<Sample>,
-    target: String,
-) -> Result<SinkReport, String> {
+fn stream(outbox: Arc<Outbox>, streamer: Streamer, samples: Receiver<Sample>, target: String) -> Result<SinkReport> {
     let mut total = 0u64;
     for sample in samples {
         outbox.push(sample).map_err(|e| format!("outbox: {e}"))?;

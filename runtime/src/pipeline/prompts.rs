@@ -10,6 +10,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 
 use super::config::PromptSource;
+use crate::Result;
 
 pub const WHITE_BACKGROUND: &str = ", in a white background";
 
@@ -137,7 +138,7 @@ pub fn grammar(category: &Category, count: usize, seed: u64) -> Vec<String> {
 }
 
 /// Reads `<bank>/<id>.txt` if it exists: its non-empty lines.
-pub fn read_bank(bank: &Path, category: &Category) -> Result<Option<Vec<String>>, String> {
+pub fn read_bank(bank: &Path, category: &Category) -> Result<Option<Vec<String>>> {
     let path = bank.join(format!("{}.txt", category.id));
     if !path.exists() {
         return Ok(None);
@@ -150,14 +151,15 @@ pub fn read_bank(bank: &Path, category: &Category) -> Result<Option<Vec<String>>
         .map(String::from)
         .collect();
     if lines.is_empty() {
-        return Err(format!("{}: the prompt bank file is empty", path.display()));
+        return Err(format!("{}: the prompt bank file is empty", path.display()).into());
     }
     if let Some(long) = lines.iter().find(|l| l.len() > 1000) {
         return Err(format!(
             "{}: a prompt of {} characters (1000 at most)",
             path.display(),
             long.len()
-        ));
+        )
+        .into());
     }
     Ok(Some(lines))
 }
@@ -171,7 +173,7 @@ pub fn category_prompts(
     bank: Option<&Path>,
     grammar_count: usize,
     seed: u64,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>> {
     if sources.contains(&PromptSource::Bank)
         && let Some(bank) = bank
         && let Some(lines) = read_bank(bank, category)?

@@ -9,6 +9,7 @@ use image::{Rgb, RgbImage};
 use serde::Deserialize;
 
 use super::mask::Mask;
+use crate::{Error, Result};
 
 #[derive(Deserialize)]
 struct CocoJson {
@@ -78,8 +79,8 @@ impl ImageEntry {
 }
 
 impl RealDataset {
-    pub fn load(annotations: &Path, images: &Path) -> Result<Self, String> {
-        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", annotations.display());
+    pub fn load(annotations: &Path, images: &Path) -> Result<Self> {
+        let at = |e: &dyn std::fmt::Display| Error::from(format!("{}: {e}", annotations.display()));
         let bytes = std::fs::read(annotations).map_err(|e| at(&e))?;
         let json: CocoJson =
             serde_json::from_slice(&bytes).map_err(|e| at(&format!("not a COCO/LVIS instances file: {e}")))?;
@@ -125,7 +126,7 @@ impl RealDataset {
 
 impl RealImage {
     /// Decodes the image and checks it has the size the JSON says.
-    pub fn open(&self) -> Result<RgbImage, String> {
+    pub fn open(&self) -> Result<RgbImage> {
         let img = crate::images::open(&self.path)?.into_rgb8();
         if (img.width(), img.height()) != (self.entry.width, self.entry.height) {
             return Err(format!(
@@ -135,7 +136,8 @@ impl RealImage {
                 img.height(),
                 self.entry.width,
                 self.entry.height
-            ));
+            )
+            .into());
         }
         Ok(img)
     }
@@ -143,15 +145,12 @@ impl RealImage {
 
 impl Segmentation {
     /// The mask over a `width × height` image.
-    pub fn to_mask(&self, width: u32, height: u32) -> Result<Mask, String> {
+    pub fn to_mask(&self, width: u32, height: u32) -> Result<Mask> {
         match self {
             Segmentation::Polygons(polys) => {
                 for p in polys {
                     if p.len() < 6 || p.len() % 2 != 0 || p.iter().any(|v| !v.is_finite()) {
-                        return Err(format!(
-                            "a polygon of {} values (x,y pairs, at least 3 points)",
-                            p.len()
-                        ));
+                        return Err(format!("a polygon of {} values (x,y pairs, at least 3 points)", p.len()).into());
                     }
                 }
                 Ok(Mask::from_bits(
@@ -162,7 +161,7 @@ impl Segmentation {
             }
             Segmentation::Rle { counts, size } => {
                 if *size != [height, width] {
-                    return Err(format!("RLE size {size:?}, the image is [{height}, {width}]"));
+                    return Err(format!("RLE size {size:?}, the image is [{height}, {width}]").into());
                 }
                 let counts = match counts {
                     RleCounts::Uncompressed(c) => c.clone(),
@@ -186,7 +185,7 @@ impl Segmentation {
 
 /// pycocotools' compressed counts (`rleFrString`): 5 bits a character with a continuation bit,
 /// counts after the second stored as differences from the one two before.
-pub fn decode_rle_string(s: &str) -> Result<Vec<u32>, String> {
+pub fn decode_rle_string(s: &str) -> Result<Vec<u32>> {
     let bytes = s.as_bytes();
     let mut counts: Vec<i64> = Vec::new();
     let mut p = 0;
@@ -195,7 +194,7 @@ pub fn decode_rle_string(s: &str) -> Result<Vec<u32>, String> {
         while more {
             let c = *bytes.get(p).ok_or("compressed RLE ends inside a count")? as i64 - 48;
             if !(0..64).contains(&c) || k > 60 {
-                return Err(format!("compressed RLE has a bad character at {p}"));
+                return Err(format!("compressed RLE has a bad character at {p}").into());
             }
             x |= (c & 0x1f) << (5 * k);
             more = c & 0x20 != 0;
@@ -212,7 +211,7 @@ pub fn decode_rle_string(s: &str) -> Result<Vec<u32>, String> {
     }
     counts
         .into_iter()
-        .map(|c| u32::try_from(c).map_err(|_| format!("compressed RLE decodes to a count of {c}")))
+        .map(|c| u32::try_from(c).map_err(|_| format!("compressed RLE decodes to a count of {c}").into()))
         .collect()
 }
 

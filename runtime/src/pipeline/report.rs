@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, RgbImage, RgbaImage, imageops};
 
 use super::{InstanceRecord, MANIFEST, read_records};
+use crate::{Error, Result};
 
 const CELL: u32 = 96;
 const COLUMNS: u32 = 6;
@@ -22,7 +23,7 @@ pub struct ReportFiles {
     pub files: Vec<PathBuf>,
 }
 
-pub fn render(dir: &Path, samples: usize) -> Result<ReportFiles, String> {
+pub fn render(dir: &Path, samples: usize) -> Result<ReportFiles> {
     let manifest_path = dir.join(MANIFEST);
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&manifest_path)
@@ -82,17 +83,17 @@ pub fn render(dir: &Path, samples: usize) -> Result<ReportFiles, String> {
     Ok(ReportFiles { files })
 }
 
-fn save(image: &RgbImage, path: &Path) -> Result<(), String> {
+fn save(image: &RgbImage, path: &Path) -> Result<()> {
     let mut png = Vec::new();
     image
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| e.to_string())?;
-    divergen_dataset::files::write_atomically(path, &png).map_err(|e| format!("{}: {e}", path.display()))
+    divergen_dataset::files::write_atomically(path, &png).map_err(Error::io(path))
 }
 
 /// Kept instances on the left (green frames), rejected on the right (red), best score first;
 /// each cell shows the crop over a checkerboard (so transparency shows) and its score.
-fn contact_sheet(dir: &Path, name: &str, list: &[&InstanceRecord]) -> Result<RgbImage, String> {
+fn contact_sheet(dir: &Path, name: &str, list: &[&InstanceRecord]) -> Result<RgbImage> {
     let mut kept: Vec<&InstanceRecord> = list.iter().copied().filter(|r| r.kept).collect();
     let mut rejected: Vec<&InstanceRecord> = list.iter().copied().filter(|r| !r.kept && r.crop.is_some()).collect();
     let by_score = |a: &&InstanceRecord, b: &&InstanceRecord| {
@@ -239,7 +240,7 @@ fn histogram(records: &[InstanceRecord], threshold: f32) -> RgbImage {
 
 /// The pasted sample with every instance's mask outline: real instances in white, generated
 /// ones each in its own colour.
-fn outlined(sample: &divergen_protocol::Sample) -> Result<RgbImage, String> {
+fn outlined(sample: &divergen_protocol::Sample) -> Result<RgbImage> {
     let divergen_protocol::ImageData::Rgb8(rgb) = &sample.image else {
         return Err("dataset image not decoded".into());
     };

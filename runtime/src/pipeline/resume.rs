@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::generation::{Job, Plan};
 use super::manifest::{InstanceRecord, write_json};
+use crate::Result;
 
 /// What determines an instance: a saved result is reused only if all of it matches (the run id
 /// is a hash of the whole config, so any changed setting regenerates).
@@ -47,7 +48,7 @@ pub struct Resume<'a> {
 }
 
 impl<'a> Resume<'a> {
-    pub fn open(out: &'a Path, run_id: &'a str, plan: &'a Plan, generator_ids: Vec<String>) -> Result<Self, String> {
+    pub fn open(out: &'a Path, run_id: &'a str, plan: &'a Plan, generator_ids: Vec<String>) -> Result<Self> {
         let dir = out.join(super::RESUME);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Resume {
@@ -75,7 +76,7 @@ impl<'a> Resume<'a> {
 
     /// Written after the crop PNG, through a renamed temporary file: a saved result always
     /// names a complete crop.
-    pub fn save(&self, job: &Job, done: &Finished) -> Result<(), String> {
+    pub fn save(&self, job: &Job, done: &Finished) -> Result<()> {
         let saved = SavedInstance {
             key: self.key(job),
             record: done.record.clone(),

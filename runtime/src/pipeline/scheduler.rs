@@ -6,6 +6,8 @@
 
 use serde::Serialize;
 
+use crate::Result;
+
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ModelPlan {
     pub name: String,
@@ -19,7 +21,7 @@ pub fn activation_reserve(largest: u64) -> u64 {
 }
 
 /// `models`: (name, estimated device bytes). `budget`: bytes, or `None` for "keep everything".
-pub fn plan(models: &[(String, u64)], budget: Option<u64>) -> Result<Vec<ModelPlan>, String> {
+pub fn plan(models: &[(String, u64)], budget: Option<u64>) -> Result<Vec<ModelPlan>> {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let mut resident = vec![budget.is_none(); models.len()];
     if let Some(budget) = budget {
@@ -31,7 +33,8 @@ pub fn plan(models: &[(String, u64)], budget: Option<u64>) -> Result<Vec<ModelPl
                 mib(budget),
                 mib(*bytes),
                 mib(reserve)
-            ));
+            )
+            .into());
         }
         let mut order: Vec<usize> = (0..models.len()).collect();
         order.sort_by(|&a, &b| models[b].1.cmp(&models[a].1).then(a.cmp(&b)));
@@ -108,7 +111,7 @@ mod tests {
 
     #[test]
     fn a_budget_below_the_largest_model_is_an_error_naming_it() {
-        let e = plan(&models(), Some(1000 * MIB)).unwrap_err();
+        let e = plan(&models(), Some(1000 * MIB)).unwrap_err().to_string();
         assert!(e.contains("unet needs about 900 MiB"), "{e}");
     }
 }

@@ -6,6 +6,8 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::Result;
+
 /// One connected byte stream, split so a reader thread and a writer can use it at once.
 pub struct Link {
     pub reader: Box<dyn Read + Send>,
@@ -23,7 +25,7 @@ pub trait Transport: Send {
 }
 
 /// Parses `host:port`, `tcp:host:port`, `serial:/dev/ttyUSB0` or `stdio`.
-pub fn parse(address: &str) -> Result<Box<dyn Transport>, String> {
+pub fn parse(address: &str) -> Result<Box<dyn Transport>> {
     if address == "stdio" {
         return Ok(Box::new(Stdio { used: false }));
     }
@@ -37,9 +39,7 @@ pub fn parse(address: &str) -> Result<Box<dyn Transport>, String> {
     }
     let address = address.strip_prefix("tcp:").unwrap_or(address);
     if !address.contains(':') {
-        return Err(format!(
-            "{address:?} is not host:port, tcp:host:port, serial:PATH or stdio"
-        ));
+        return Err(format!("{address:?} is not host:port, tcp:host:port, serial:PATH or stdio").into());
     }
     Ok(Box::new(Tcp {
         address: address.to_string(),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use divergen_kernels::bench::{BenchOptions, markdown, run};
 use divergen_kernels::device::{DeviceRequest, open};
+use divergen_runtime::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
@@ -26,8 +27,8 @@ pub struct KernelBenchArgs {
     markdown: Option<PathBuf>,
 }
 
-pub fn run_kernels(request: &DeviceRequest, args: &KernelBenchArgs) -> Result<(), String> {
-    let device = open(request).map_err(|e| e.to_string())?;
+pub fn run_kernels(request: &DeviceRequest, args: &KernelBenchArgs) -> Result<()> {
+    let device = open(request)?;
     let f16 = device.adapter.as_ref().is_some_and(|a| a.shader_f16);
     log::info!("benchmarking kernels on {}", device.describe());
     let bar = ProgressBar::new_spinner()
@@ -73,7 +74,7 @@ pub fn run_kernels(request: &DeviceRequest, args: &KernelBenchArgs) -> Result<()
 }
 
 /// Prints the table (unless the output is JSON lines) and writes it to `markdown`, atomically.
-fn report(table: &str, json: bool, markdown: Option<&std::path::Path>) -> Result<(), String> {
+fn report(table: &str, json: bool, markdown: Option<&std::path::Path>) -> Result<()> {
     if !json {
         println!("\n{table}");
     }
@@ -126,7 +127,7 @@ pub struct ModelBenchArgs {
     markdown: Option<PathBuf>,
 }
 
-pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), String> {
+pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<()> {
     use divergen_models::bench::{BenchModel, ModelBenchOptions, markdown, run};
     use divergen_models::layers::Quantization;
     let models = if args.model.is_empty() {
@@ -154,7 +155,7 @@ pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), 
                 "int4" => Ok(Quantization::Int4),
                 other => Err(format!("--quant {other:?}: unknown (none, int8 or int4)")),
             })
-            .collect::<Result<_, _>>()?
+            .collect::<Result<_, String>>()?
     };
     if args.runs == 0 || args.clip_batch == 0 {
         return Err("--runs and --clip-batch must be at least 1".into());
@@ -164,7 +165,7 @@ pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), 
             "--sd-size: sides must be positive multiples of 64 (the UNet halves the latents three times)".into(),
         );
     }
-    let device = open(request).map_err(|e| e.to_string())?;
+    let device = open(request)?;
     log::info!("benchmarking models on {}", device.describe());
     let bar = ProgressBar::new_spinner()
         .with_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").map_err(|e| e.to_string())?);
@@ -197,8 +198,7 @@ pub fn run_models(request: &DeviceRequest, args: &ModelBenchArgs) -> Result<(), 
             );
         }
         bar.set_message(format!("after {} {} {}", c.model, c.quant, c.stage));
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     bar.finish_and_clear();
     let table = format!(
         "Device: {}. Date: {}. Command: `divergen bench models --runs {}`.\n\n{}",

@@ -3,6 +3,7 @@
 use divergen_kernels::device::{AdapterReport, DeviceRequest, GrantedLimits, enumerate, open};
 use divergen_kernels::engine::CpuEngine;
 use divergen_kernels::variants::KernelPlan;
+use divergen_runtime::Result;
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -19,9 +20,9 @@ struct Report {
     cpu_engine: CpuEngine,
 }
 
-pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
-    let adapters = enumerate(request).map_err(|e| e.to_string())?;
-    let chosen = open(request).map_err(|e| e.to_string())?;
+pub fn run(request: &DeviceRequest, json: bool) -> Result<()> {
+    let adapters = enumerate(request)?;
+    let chosen = open(request)?;
     let report = Report {
         adapters,
         chosen: chosen.adapter.as_ref().map(|a| a.index),
@@ -35,7 +36,7 @@ pub fn run(request: &DeviceRequest, json: bool) -> Result<(), String> {
             .unwrap_or_else(|| divergen_kernels::engine::start(request.threads)),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     if report.adapters.is_empty() {

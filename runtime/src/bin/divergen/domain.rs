@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use divergen_runtime::Result;
+
 #[derive(Args, Debug)]
 pub struct DomainArgs {
     /// Output folder.
@@ -28,7 +30,7 @@ pub struct DomainArgs {
     pub json: bool,
 }
 
-pub fn run(args: &DomainArgs) -> Result<(), String> {
+pub fn run(args: &DomainArgs) -> Result<()> {
     use divergen_runtime::domain::{DomainConfig, write};
     let config = DomainConfig {
         seed: args.seed,
@@ -40,7 +42,7 @@ pub fn run(args: &DomainArgs) -> Result<(), String> {
     };
     let summary = write(&args.out, &config)?;
     if args.json {
-        println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
             "{}: {} categories; scenes {} train / {} val ({} / {} instances); {} white-background renders",

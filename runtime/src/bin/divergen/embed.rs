@@ -6,6 +6,7 @@ use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization};
+use divergen_runtime::Result;
 use divergen_runtime::cli::QuantArg;
 use divergen_runtime::pipeline::filtering::{dot, embed_images, embed_texts};
 
@@ -39,7 +40,7 @@ pub struct EmbedArgs {
     pub json: bool,
 }
 
-pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
+pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<()> {
     if args.image.is_empty() && args.text.is_empty() {
         return Err("nothing to embed: give --image and/or --text".into());
     }
@@ -50,9 +51,9 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
         .iter()
         .map(|path| divergen_runtime::images::open(path).map(|i| i.into_rgb8()))
         .collect::<Result<Vec<_>, _>>()?;
-    let tokenizer = ClipTokenizer::from_dir(&args.clip).map_err(|e| e.to_string())?;
-    let device = open(request).map_err(|e| e.to_string())?;
-    let clip = Clip::load(&args.clip, quant, &device.device).map_err(|e| e.to_string())?;
+    let tokenizer = ClipTokenizer::from_dir(&args.clip)?;
+    let device = open(request)?;
+    let clip = Clip::load(&args.clip, quant, &device.device)?;
     log::info!(
         "CLIP from {} on {}: {}",
         args.clip.display(),
@@ -68,7 +69,7 @@ pub fn run(request: &DeviceRequest, args: &EmbedArgs) -> Result<(), String> {
     };
     if args.json {
         let out = serde_json::json!({ "images": images, "texts": texts });
-        println!("{}", serde_json::to_string(&out).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         for (path, e) in args.image.iter().zip(&images) {
             println!("image {}: {} dims", path.display(), e.len());

@@ -7,6 +7,7 @@ use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::diffusion::pipeline::{GenerateOptions, generate_observed, latent_factor, read_latents};
 use divergen_models::diffusion::scheduler::SchedulerKind;
 use divergen_models::layers::Quantization;
+use divergen_runtime::Result;
 
 use divergen_runtime::cli::QuantArg;
 
@@ -63,7 +64,7 @@ fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     SchedulerKind::parse(s).ok_or_else(|| format!("unknown scheduler {s:?} (ddim, euler, euler-a, dpm++2m, lcm)"))
 }
 
-fn parse_size(s: &str) -> Result<(usize, usize), String> {
+fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (w, h) = s
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("size {s:?}: expected WxH"))?;
@@ -74,30 +75,30 @@ fn parse_size(s: &str) -> Result<(usize, usize), String> {
     };
     let (w, h) = (parse(w)?, parse(h)?);
     if w == 0 || h == 0 || !w.is_multiple_of(8) || !h.is_multiple_of(8) {
-        return Err(format!("size {s:?}: width and height must be positive multiples of 8"));
+        return Err(format!("size {s:?}: width and height must be positive multiples of 8").into());
     }
     Ok((w, h))
 }
 
-fn parse_guidance(s: &str) -> Result<f32, String> {
+fn parse_guidance(s: &str) -> Result<f32> {
     let g: f32 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
     divergen_models::diffusion::mix::check_guidance(g)?;
     Ok(g)
 }
 
-pub fn run(request: &DeviceRequest, args: &GenerateArgs) -> Result<(), String> {
+pub fn run(request: &DeviceRequest, args: &GenerateArgs) -> Result<()> {
     if args.steps == 0 {
         return Err("--steps must be at least 1".into());
     }
     let (width, height) = args.size;
     let latents = match &args.latents {
         Some(path) => {
-            let f = latent_factor(&args.diffusion, args.taesd.as_deref()).map_err(|e| e.to_string())?;
-            Some(read_latents(path, [1, 4, height / f, width / f]).map_err(|e| e.to_string())?)
+            let f = latent_factor(&args.diffusion, args.taesd.as_deref())?;
+            Some(read_latents(path, [1, 4, height / f, width / f])?)
         }
         None => None,
     };
-    let device = open(request).map_err(|e| e.to_string())?;
+    let device = open(request)?;
     log::info!("generating on {}", device.describe());
     let options = GenerateOptions {
         prompt: args.prompt.clone(),
@@ -122,8 +123,7 @@ pub fn run(request: &DeviceRequest, args: &GenerateArgs) -> Result<(), String> {
             progress.set_message(format!("{width}x{height}"));
             progress.set_position(done as u64 * args.steps as u64 / total.max(1) as u64);
         }),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     progress.finish();
     crate::png::write_atomically(&image::DynamicImage::ImageRgb8(out.image), &args.out)?;
     if args.json {
@@ -139,7 +139,7 @@ pub fn run(request: &DeviceRequest, args: &GenerateArgs) -> Result<(), String> {
             "decode_ms": out.decode_ms,
             "peak_mib": peaks,
         });
-        println!("{}", serde_json::to_string(&json).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&json)?);
     } else {
         println!(
             "{}: {width}x{height}, {} steps; text {:.0} ms, denoise {:.0} ms, decode {:.0} ms",

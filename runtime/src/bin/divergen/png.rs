@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
+use divergen_runtime::Result;
+
 /// Writes a PNG beside the target and renames it into place.
-pub fn write_atomically(image: &image::DynamicImage, path: &Path) -> Result<(), String> {
+pub fn write_atomically(image: &image::DynamicImage, path: &Path) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use divergen_runtime::Result;
 use divergen_runtime::pipeline;
 
 #[derive(Args, Debug)]
@@ -17,10 +18,10 @@ pub struct ReportArgs {
     pub json: bool,
 }
 
-pub fn run(args: &ReportArgs) -> Result<(), String> {
+pub fn run(args: &ReportArgs) -> Result<()> {
     let files = pipeline::report::render(&args.dir, args.samples)?;
     if args.json {
-        println!("{}", serde_json::to_string(&files).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&files)?);
     } else {
         for f in &files.files {
             println!("{}", f.display());

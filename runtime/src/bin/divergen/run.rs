@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
+use divergen_runtime::Result;
 use divergen_runtime::pipeline::config::RunConfig;
 use divergen_runtime::pipeline::{self, Destination};
 
@@ -32,7 +33,7 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<(), String> {
+pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<()> {
     let config_path = match &args.config {
         Some(path) => path.clone(),
         None => divergen_runtime::embedded::prepare(&args.out.join("embedded"))?,
@@ -49,7 +50,7 @@ pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<(), String> {
         Some(h) => Destination::Host(h.clone()),
         None => Destination::Local,
     };
-    let device = open(request).map_err(|e| e.to_string())?;
+    let device = open(request)?;
     let manifest = pipeline::run(&config, &args.out, &destination, &device.device, &device.describe())?;
     let report = if args.config.is_none() && args.host.is_none() {
         Some(pipeline::report::render(&args.out, 4)?)
@@ -57,10 +58,7 @@ pub fn run(request: &DeviceRequest, args: &RunArgs) -> Result<(), String> {
         None
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
         return Ok(());
     }
     let s = &manifest.stages;

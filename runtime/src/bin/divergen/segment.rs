@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Args;
 use divergen_kernels::device::{DeviceRequest, open};
 use divergen_models::sam::{Point, PointLabel, Prompt, Quantization, Sam};
+use divergen_runtime::Result;
 use image::GrayImage;
 
 use divergen_runtime::cli::QuantArg;
@@ -42,10 +43,10 @@ pub struct SegmentArgs {
     pub json: bool,
 }
 
-fn numbers<const N: usize>(s: &str, what: &str) -> Result<[f32; N], String> {
+fn numbers<const N: usize>(s: &str, what: &str) -> Result<[f32; N]> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     if parts.len() != N {
-        return Err(format!("{what} {s:?}: expected {N} comma-separated numbers"));
+        return Err(format!("{what} {s:?}: expected {N} comma-separated numbers").into());
     }
     let mut out = [0f32; N];
     for (o, p) in out.iter_mut().zip(&parts) {
@@ -58,20 +59,20 @@ fn numbers<const N: usize>(s: &str, what: &str) -> Result<[f32; N], String> {
     Ok(out)
 }
 
-fn parse_point(s: &str) -> Result<Point, String> {
+fn parse_point(s: &str) -> Result<Point> {
     let [x, y, label] = numbers::<3>(s, "point")?;
     let label = match label {
         1.0 => PointLabel::Foreground,
         0.0 => PointLabel::Background,
-        _ => return Err(format!("point {s:?}: label must be 1 (object) or 0 (background)")),
+        _ => return Err(format!("point {s:?}: label must be 1 (object) or 0 (background)").into()),
     };
     Ok(Point { x, y, label })
 }
 
-fn parse_box(s: &str) -> Result<[f32; 4], String> {
+fn parse_box(s: &str) -> Result<[f32; 4]> {
     let b = numbers::<4>(s, "box")?;
     if b[2] <= b[0] || b[3] <= b[1] {
-        return Err(format!("box {s:?}: needs X0 < X1 and Y0 < Y1"));
+        return Err(format!("box {s:?}: needs X0 < X1 and Y0 < Y1").into());
     }
     Ok(b)
 }
@@ -87,7 +88,7 @@ fn numbered(out: &Path, i: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 
-pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
+pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<()> {
     if args.points.is_empty() && args.bbox.is_none() {
         return Err("nothing to segment: give --point X,Y,LABEL and/or --box X0,Y0,X1,Y1".into());
     }
@@ -99,8 +100,8 @@ pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
         }
     }
     let quant = Quantization::from(args.quant);
-    let device = open(request).map_err(|e| e.to_string())?;
-    let sam = Sam::load(&args.sam, quant, &device.device).map_err(|e| e.to_string())?;
+    let device = open(request)?;
+    let sam = Sam::load(&args.sam, quant, &device.device)?;
     log::info!(
         "SAM {} from {} on {}: {}",
         sam.config.encoder.describe(),
@@ -109,7 +110,7 @@ pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
         size_line(sam.linear_bytes(), quant)
     );
     let start = Instant::now();
-    let embedding = sam.embed_image(&image).map_err(|e| e.to_string())?;
+    let embedding = sam.embed_image(&image)?;
     // Reading the embedding back waits for the encoder, so the two timings separate.
     let _ = embedding.embedding.clone().into_data();
     let encoder_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -119,9 +120,7 @@ pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
         bbox: args.bbox,
         mask: None,
     };
-    let prediction = sam
-        .predict(&embedding, &prompt, args.multimask)
-        .map_err(|e| e.to_string())?;
+    let prediction = sam.predict(&embedding, &prompt, args.multimask)?;
     let decoder_ms = start.elapsed().as_secs_f64() * 1e3;
     let mut written = Vec::new();
     for (i, (logits, iou)) in prediction.masks.iter().zip(&prediction.iou).enumerate() {
@@ -143,7 +142,7 @@ pub fn run(request: &DeviceRequest, args: &SegmentArgs) -> Result<(), String> {
             "encoder_ms": encoder_ms,
             "decoder_ms": decoder_ms,
         });
-        println!("{}", serde_json::to_string(&out).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         for m in &written {
             println!(

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use divergen_protocol::{DeviceMessage, ImageData, Sample, decode_message, encode_message};
+use divergen_runtime::Result;
 use serde::Serialize;
 
 use divergen_runtime::stream::synthetic::{self, ImageEncoding, SampleSpec};
@@ -82,7 +83,7 @@ fn mean_ms(samples: &[Sample], mut f: impl FnMut(&Sample)) -> f64 {
     start.elapsed().as_secs_f64() * 1e3 / samples.len() as f64
 }
 
-pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
+pub fn run(args: &StreamBenchArgs) -> Result<()> {
     let run_id = args.run_id.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -205,7 +206,7 @@ pub fn run(args: &StreamBenchArgs) -> Result<(), String> {
         }
     };
     if args.json {
-        print(serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        print(serde_json::to_string_pretty(&report)?);
     } else {
         print(format!(
             "{} samples ({}, {:.1} instances, {:.0} KB a frame) in {:.2} s: {:.1} samples/s, {:.1} MB/s",
