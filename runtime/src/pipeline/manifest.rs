@@ -114,6 +114,15 @@ pub fn reason_name(reason: DropReason) -> String {
         .unwrap_or_else(|| format!("{reason:?}"))
 }
 
+/// Dropped instances per reason, as `run.json` counts them.
+pub fn drop_counts(records: &[InstanceRecord]) -> BTreeMap<String, usize> {
+    let mut drops = BTreeMap::new();
+    for reason in records.iter().filter_map(|r| r.drop_reason) {
+        *drops.entry(reason_name(reason)).or_default() += 1;
+    }
+    drops
+}
+
 pub fn category_reports(
     categories: &Categories,
     records: &[InstanceRecord],

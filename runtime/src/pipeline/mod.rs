@@ -172,9 +172,85 @@ pub fn run(
         references.without_real.len()
     );
 
-    // Stages 1–3, batch by batch, over what an earlier run of this config did not finish.
+    // Stages 1–3, then the pool in job order, as an uninterrupted run has it: the pool's balanced
+    // draw depends on that order.
+    let finished = instances(
+        config,
+        out,
+        &run_id,
+        &plan,
+        &mix,
+        &mut models,
+        &references,
+        &mut stages,
+        &mut peak,
+        device,
+    )?;
+    let (records, embeddings, pool_instances) = split_finished(&plan, finished);
+    models.unload_all(device);
+    let pool_dir = out.join("pool");
+    manifest::write_pool(out, &pool_dir, &records)?;
+    write_json(&out.join(INSTANCES), &records)?;
+
+    // Stage 4: paste onto the real images.
+    let start = Instant::now();
+    let pool = Pool::new(pool_instances);
+    let (dataset_dir, outbox_dir) = (out.join("dataset"), out.join("outbox"));
+    let target = match destination {
+        Destination::Local => Target::Local {
+            dir: &dataset_dir,
+            shard_size: config.output.shard_size,
+        },
+        Destination::Host(host) => Target::Stream {
+            host,
+            outbox: &outbox_dir,
+        },
+    };
+    let mut sink = Sink::open(target, &config.device_id, &run_id, categories.table.clone())?;
+    let paste = augmentation::paste_all(config, &run_id, &real, &categories, &pool, &mut sink)?;
+    let output = sink.finish()?;
+    stages.augmentation.add(start, paste.images as usize);
+
+    let manifest = RunManifest {
+        run_id,
+        device_id: config.device_id.clone(),
+        seed: config.seed,
+        device: device_name.to_string(),
+        budget_mib: config.budget_mib,
+        plan: models.plan,
+        peak_device_mib: peak.0,
+        stages,
+        generated: records.len(),
+        kept: records.iter().filter(|r| r.kept).count(),
+        drops: manifest::drop_counts(&records),
+        categories: manifest::category_reports(&categories, &records, &embeddings, &references.bank),
+        real_bank: references.stats,
+        paste,
+        output,
+        pool: pool_dir.join("pool.json").display().to_string(),
+        config: config.clone(),
+    };
+    write_json(&manifest_path, &manifest)?;
+    Ok(manifest)
+}
+
+/// Stages 1–3 over every job an earlier run of this config did not finish, batch by batch
+/// (generate K, annotate K, filter K), each instance saved as soon as it is done; in job order.
+#[allow(clippy::too_many_arguments)]
+fn instances(
+    config: &RunConfig,
+    out: &Path,
+    run_id: &str,
+    plan: &Plan,
+    mix: &GeneratorMix,
+    models: &mut Models,
+    references: &References,
+    stages: &mut Stages,
+    peak: &mut PeakMemory,
+    device: &Device,
+) -> Result<Vec<Finished>> {
     let generator_ids = mix.generators.iter().map(|g| g.id.clone()).collect();
-    let resume = Resume::open(out, &run_id, &plan, generator_ids)?;
+    let resume = Resume::open(out, run_id, plan, generator_ids)?;
     let mut finished: Vec<Option<Finished>> = plan.jobs.iter().map(|job| resume.load(job)).collect();
     let resumed = finished.iter().filter(|f| f.is_some()).count();
     if resumed > 0 {
@@ -191,15 +267,15 @@ pub fn run(
         let start = Instant::now();
         let done = finished.iter().filter(|f| f.is_some()).count() as u64;
         let images = generation::generate(
-            &plan,
+            plan,
             batch,
-            &mix,
+            mix,
             &mut models.diffusion,
             &config.generation.negative_prompt,
             &progress,
             done,
             device,
-            &mut peak,
+            peak,
         )?;
         stages.generation.add(start, images.len());
 
@@ -243,18 +319,28 @@ pub fn run(
                 Ok(_) => Some(embedded.next().ok_or("CLIP returned fewer embeddings than images")?),
                 Err(_) => None,
             };
-            let done = finish(config, out, &plan, &mix, job, a, embedding, &references)?;
+            let done = finish(config, out, plan, mix, job, a, embedding, references)?;
             resume.save(job, &done)?;
             finished[j] = Some(done);
             progress.inc(1);
         }
     }
-    // In job order, as an uninterrupted run has them: the pool's balanced draw depends on it.
+    progress.finish();
+    finished
+        .into_iter()
+        .map(|f| f.ok_or_else(|| "an instance was neither resumed nor generated".into()))
+        .collect()
+}
+
+/// The records and embeddings of every instance, and the kept ones as the paste pool.
+fn split_finished(
+    plan: &Plan,
+    finished: Vec<Finished>,
+) -> (Vec<InstanceRecord>, Vec<Option<Vec<f32>>>, Vec<PoolInstance>) {
     let mut records: Vec<InstanceRecord> = Vec::with_capacity(plan.jobs.len());
     let mut embeddings: Vec<Option<Vec<f32>>> = Vec::with_capacity(plan.jobs.len());
     let mut pool_instances: Vec<PoolInstance> = Vec::new();
     for (job, done) in plan.jobs.iter().zip(finished) {
-        let done = done.ok_or("an instance was neither resumed nor generated")?;
         if let Some(crop) = done.crop {
             pool_instances.push(PoolInstance {
                 category_id: job.category,
@@ -268,58 +354,7 @@ pub fn run(
         records.push(done.record);
         embeddings.push(done.embedding);
     }
-    progress.finish();
-    models.unload_all(device);
-    let pool_dir = out.join("pool");
-    manifest::write_pool(out, &pool_dir, &records)?;
-    write_json(&out.join(INSTANCES), &records)?;
-
-    // Stage 4: paste onto the real images.
-    let start = Instant::now();
-    let pool = Pool::new(pool_instances);
-    let (dataset_dir, outbox_dir) = (out.join("dataset"), out.join("outbox"));
-    let target = match destination {
-        Destination::Local => Target::Local {
-            dir: &dataset_dir,
-            shard_size: config.output.shard_size,
-        },
-        Destination::Host(host) => Target::Stream {
-            host,
-            outbox: &outbox_dir,
-        },
-    };
-    let mut sink = Sink::open(target, &config.device_id, &run_id, categories.table.clone())?;
-    let paste = augmentation::paste_all(config, &run_id, &real, &categories, &pool, &mut sink)?;
-    let output = sink.finish()?;
-    stages.augmentation.add(start, paste.images as usize);
-
-    let mut drops: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &records {
-        if let Some(reason) = r.drop_reason {
-            *drops.entry(manifest::reason_name(reason)).or_default() += 1;
-        }
-    }
-    let manifest = RunManifest {
-        run_id,
-        device_id: config.device_id.clone(),
-        seed: config.seed,
-        device: device_name.to_string(),
-        budget_mib: config.budget_mib,
-        plan: models.plan,
-        peak_device_mib: peak.0,
-        stages,
-        generated: records.len(),
-        kept: records.iter().filter(|r| r.kept).count(),
-        drops,
-        categories: manifest::category_reports(&categories, &records, &embeddings, &references.bank),
-        real_bank: references.stats,
-        paste,
-        output,
-        pool: pool_dir.join("pool.json").display().to_string(),
-        config: config.clone(),
-    };
-    write_json(&manifest_path, &manifest)?;
-    Ok(manifest)
+    (records, embeddings, pool_instances)
 }
 
 /// One instance's record after stages 1–3, its crop written under `pool/` when kept and under
