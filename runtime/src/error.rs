@@ -1,5 +1,5 @@
-//! The runtime's one error type. Its messages lead with the file (and, for a config, the key)
-//! they are about; a model's error keeps the model crate's own words.
+//! The one error type of the runtime, and of divergen-train, which builds on it. Its messages lead
+//! with the file (and, for a config, the key) they are about; a model's error keeps its own words.
 
 use std::path::{Path, PathBuf};
 
@@ -47,12 +47,5 @@ impl From<String> for Error {
 impl From<&str> for Error {
     fn from(message: &str) -> Self {
         Error::Message(message.to_string())
-    }
-}
-
-/// For callers whose own errors are still text (`divergen-train`'s commands).
-impl From<Error> for String {
-    fn from(e: Error) -> Self {
-        e.to_string()
     }
 }

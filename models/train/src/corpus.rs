@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use divergen_runtime::Result;
 use divergen_runtime::domain::category_id;
 use divergen_runtime::domain::render::{COLOURS, OPENINGS, Texture, caption, white_render};
 use divergen_runtime::domain::shapes::SHAPES;
@@ -12,7 +13,7 @@ use rand::rngs::StdRng;
 use crate::eval;
 
 /// The words a domain's captions and prompts use: the tokenizer gets one token for each.
-pub fn domain_words(domain: &Path) -> Result<Vec<String>, String> {
+pub fn domain_words(domain: &Path) -> Result<Vec<String>> {
     let mut words: Vec<String> = Vec::new();
     let mut add = |text: &str| {
         for w in text

@@ -6,6 +6,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::clip::{Clip, Quantization};
+use divergen_runtime::{Error, Result};
 use serde::Serialize;
 
 use divergen_runtime::pipeline::filtering::{dot, embed_images, embed_texts};
@@ -15,21 +16,21 @@ pub use divergen_runtime::domain::RenderRecord as Render;
 
 pub use divergen_runtime::domain::CatInfo;
 
-pub fn read_renders(domain: &Path, split: &str) -> Result<Vec<Render>, String> {
+pub fn read_renders(domain: &Path, split: &str) -> Result<Vec<Render>> {
     let path = domain.join("renders").join(format!("{split}.jsonl"));
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("{}: {e} (write the domain with `divergen domain`)", path.display()))?;
     text.lines()
         .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{} line {}: {e}", path.display(), i + 1)))
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{} line {}: {e}", path.display(), i + 1).into()))
         .collect()
 }
 
 /// The domain's `categories.json`.
-pub fn read_categories(domain: &Path) -> Result<Vec<CatInfo>, String> {
+pub fn read_categories(domain: &Path) -> Result<Vec<CatInfo>> {
     let path = domain.join("categories.json");
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -53,16 +54,11 @@ pub fn class_prompt(name: &str) -> String {
 
 /// Zero-shot classification of the held-out renders: the category whose prompt embedding is
 /// closest to the image's.
-pub fn clip_zero_shot(
-    clip_dir: &Path,
-    domain: &Path,
-    quant: Quantization,
-    device: &Device,
-) -> Result<ZeroShot, String> {
+pub fn clip_zero_shot(clip_dir: &Path, domain: &Path, quant: Quantization, device: &Device) -> Result<ZeroShot> {
     let categories = read_categories(domain)?;
     let renders = read_renders(domain, "val")?;
-    let clip = Clip::load(clip_dir, quant, device).map_err(|e| e.to_string())?;
-    let tokenizer = ClipTokenizer::from_dir(clip_dir).map_err(|e| e.to_string())?;
+    let clip = Clip::load(clip_dir, quant, device)?;
+    let tokenizer = ClipTokenizer::from_dir(clip_dir)?;
     let prompts: Vec<String> = categories.iter().map(|c| class_prompt(&c.name)).collect();
     let texts = embed_texts(&clip, &tokenizer, &prompts)?;
     let dir = domain.join("renders/val");
@@ -160,13 +156,13 @@ pub fn sam_quality(
     stride: usize,
     quant: Quantization,
     device: &Device,
-) -> Result<SamQuality, String> {
+) -> Result<SamQuality> {
     use divergen_models::sam::{Prompt, Sam};
     use divergen_runtime::pipeline::annotation::annotate;
     use divergen_runtime::pipeline::real_data::RealDataset;
     let stride = stride.max(1);
     let categories = read_categories(domain)?;
-    let sam = Sam::load(sam_path, quant, device).map_err(|e| e.to_string())?;
+    let sam = Sam::load(sam_path, quant, device)?;
     let k_of = |id: u32| categories.iter().position(|c| c.id == id).ok_or("unknown category");
     let mut render_sum = vec![(0f64, 0usize); categories.len()];
     let mut drops = 0;
@@ -199,7 +195,7 @@ pub fn sam_quality(
     for img in scenes.images.iter().step_by(stride) {
         let image = img.open()?;
         let (w, h) = (image.width(), image.height());
-        let embedding = sam.embed_image(&image).map_err(|e| e.to_string())?;
+        let embedding = sam.embed_image(&image)?;
         for a in &img.annotations {
             let truth = a.segmentation.to_mask(w, h)?;
             let Some(b) = truth.bounds() else {
@@ -210,7 +206,7 @@ pub fn sam_quality(
                 bbox: Some([b.x0 as f32, b.y0 as f32, (b.x1 - 1) as f32, (b.y1 - 1) as f32]),
                 ..Default::default()
             };
-            let prediction = sam.predict(&embedding, &prompt, false).map_err(|e| e.to_string())?;
+            let prediction = sam.predict(&embedding, &prompt, false)?;
             let mask: Vec<bool> = prediction.masks[0].iter().map(|&l| l > 0.0).collect();
             let k = k_of(a.category_id)?;
             box_sum[k].0 += iou(&mask, truth.bits());
@@ -279,7 +275,7 @@ pub struct GeneratorEval<'a> {
 
 /// Generates `per_category` images per category from its prompt bank (round-robin), then
 /// measures recognition and within-category diversity with the CLIP.
-pub fn generator_quality(e: &GeneratorEval, device: &Device) -> Result<GeneratorQuality, String> {
+pub fn generator_quality(e: &GeneratorEval, device: &Device) -> Result<GeneratorQuality> {
     use divergen_models::diffusion::pipeline::{Request, StableDiffusion};
     use divergen_runtime::pipeline::filtering::mean_pairwise_distance;
     let start = std::time::Instant::now();
@@ -291,7 +287,7 @@ pub fn generator_quality(e: &GeneratorEval, device: &Device) -> Result<Generator
         let bank = std::fs::read_to_string(&bank_path).map_err(|x| format!("{}: {x}", bank_path.display()))?;
         let prompts: Vec<&str> = bank.lines().filter(|l| !l.trim().is_empty()).collect();
         if prompts.is_empty() {
-            return Err(format!("{}: no prompts", bank_path.display()));
+            return Err(format!("{}: no prompts", bank_path.display()).into());
         }
         let requests: Vec<Request> = (0..e.per_category)
             .map(|i| Request {

@@ -6,6 +6,7 @@ use burn::tensor::Device;
 use clap::Args;
 use divergen_models::clip::preprocess::pixel_values_sized;
 use divergen_models::clip::tokenizer::ClipTokenizer;
+use divergen_runtime::Result;
 use divergen_runtime::domain::shapes::SHAPES;
 use divergen_runtime::pipeline::mix_seed;
 use divergen_train::clip::{Pair, TinyClip, TinyClipConfig, TrainOptions, save_hf, train};
@@ -32,9 +33,9 @@ pub struct TrainClipArgs {
     pub seed: u64,
 }
 
-pub fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
+pub fn train_clip(args: &TrainClipArgs) -> Result<()> {
     let words = domain_words(&args.domain)?;
-    let tokenizer = ClipTokenizer::for_words(words.iter().map(String::as_str)).map_err(|e| e.to_string())?;
+    let tokenizer = ClipTokenizer::for_words(words.iter().map(String::as_str))?;
     let config = TinyClipConfig {
         vocab_size: tokenizer.vocab_size(),
         eos_token_id: tokenizer.end_id(),
@@ -59,7 +60,8 @@ pub fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
             args.domain.display(),
             names.len(),
             SHAPES.len()
-        ));
+        )
+        .into());
     }
     // Fresh renders every step, from a seed stream disjoint from the domain's held-out split.
     let side = config.image_size as u32;
@@ -103,13 +105,10 @@ pub fn train_clip(args: &TrainClipArgs) -> Result<(), String> {
         },
     );
     bar.finish_and_clear();
-    save_hf(&model, &config, &tokenizer, &args.out).map_err(|e| e.to_string())?;
+    save_hf(&model, &config, &tokenizer, &args.out)?;
     let record = serde_json::json!({"config": config, "options": options, "log": log});
-    std::fs::write(
-        args.out.join("training.json"),
-        serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", args.out.display()))?;
+    std::fs::write(args.out.join("training.json"), serde_json::to_vec_pretty(&record)?)
+        .map_err(|e| format!("{}: {e}", args.out.display()))?;
     println!(
         "tiny CLIP → {} in {:.0} s; loss by tenth {:?}",
         args.out.display(),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use divergen_kernels::device::{DeviceRequest, open};
+use divergen_runtime::Result;
 use divergen_train::eval;
 
 use divergen_runtime::cli::QuantArg;
@@ -78,12 +79,12 @@ pub struct EvalClipArgs {
     pub json: bool,
 }
 
-pub fn run(request: &DeviceRequest, command: &EvalCommand) -> Result<(), String> {
+pub fn run(request: &DeviceRequest, command: &EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Generator(args) => {
             use divergen_models::diffusion::pipeline::GenerateOptions;
             use divergen_models::diffusion::scheduler::SchedulerKind;
-            let device = open(request).map_err(|e| e.to_string())?;
+            let device = open(request)?;
             let scheduler = SchedulerKind::parse(&args.scheduler).ok_or_else(|| {
                 format!(
                     "--scheduler {:?}: not one of ddim, euler, euler-a, dpm++2m, lcm",
@@ -116,7 +117,7 @@ pub fn run(request: &DeviceRequest, command: &EvalCommand) -> Result<(), String>
                 &device.device,
             )?;
             if args.json {
-                println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+                println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!(
                     "{} generated images in {:.0} s: {:.1} % recognised as their category; diversity {:.3} (real renders {:.3})",
@@ -139,10 +140,10 @@ pub fn run(request: &DeviceRequest, command: &EvalCommand) -> Result<(), String>
             Ok(())
         }
         EvalCommand::Sam(args) => {
-            let device = open(request).map_err(|e| e.to_string())?;
+            let device = open(request)?;
             let report = eval::sam_quality(&args.sam, &args.domain, args.stride, args.quant.into(), &device.device)?;
             if args.json {
-                println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+                println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!(
                     "SAM-background mask IoU {:.3} on {} held-out renders ({} dropped); box-prompt IoU {:.3} on {} held-out scene instances",
@@ -160,10 +161,10 @@ pub fn run(request: &DeviceRequest, command: &EvalCommand) -> Result<(), String>
             Ok(())
         }
         EvalCommand::Clip(args) => {
-            let device = open(request).map_err(|e| e.to_string())?;
+            let device = open(request)?;
             let report = eval::clip_zero_shot(&args.clip, &args.domain, args.quant.into(), &device.device)?;
             if args.json {
-                println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+                println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!(
                     "zero-shot accuracy {:.1} % on {} held-out renders ({} categories)",

@@ -14,6 +14,7 @@ use divergen_models::clip::tokenizer::ClipTokenizer;
 use divergen_models::layers::Quantization;
 use divergen_runtime::domain::shapes::SHAPES;
 use divergen_runtime::pipeline::mix_seed;
+use divergen_runtime::{Error, Result};
 use divergen_train::corpus::{caption_variants, fresh_render};
 use divergen_train::diffusion::{
     TinyUnet, TinyUnetConfig, TinyVae, TinyVaeConfig, alphas_cumprod, write_pipeline_files,
@@ -124,7 +125,7 @@ fn batch_tensor(images: Vec<Vec<f32>>, device: &Device) -> Tensor<4> {
 }
 
 /// The `text_config` of a `CLIPModel` folder.
-fn text_config(clip: &Path) -> Result<serde_json::Value, String> {
+fn text_config(clip: &Path) -> Result<serde_json::Value> {
     let config_path = clip.join("config.json");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| format!("{}: {e}", config_path.display()))?)
@@ -134,36 +135,35 @@ fn text_config(clip: &Path) -> Result<serde_json::Value, String> {
             "{}: no text_config (a CLIPModel folder is expected)",
             config_path.display()
         )
+        .into()
     })
 }
 
 /// The text tower's width: the UNet's `cross_attention_dim`.
-fn text_hidden_size(clip: &Path) -> Result<usize, String> {
+fn text_hidden_size(clip: &Path) -> Result<usize> {
     hidden_size(&text_config(clip)?, clip)
 }
 
-fn hidden_size(text_config: &serde_json::Value, clip: &Path) -> Result<usize, String> {
+fn hidden_size(text_config: &serde_json::Value, clip: &Path) -> Result<usize> {
     text_config["hidden_size"].as_u64().map(|h| h as usize).ok_or_else(|| {
         format!(
             "{}: text_config.hidden_size missing",
             clip.join("config.json").display()
         )
+        .into()
     })
 }
 
 /// The CLIP folder's text tower as a `CLIPTextModel` folder, and its tokenizer.
-fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
+fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize> {
     let mut text = text_config(clip)?;
     text["architectures"] = serde_json::json!(["CLIPTextModel"]);
     text["model_type"] = serde_json::json!("clip_text_model");
     let hidden = hidden_size(&text, clip)?;
     let dir = out.join("text_encoder");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&text).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&text)?)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let weights = clip.join("model.safetensors");
     let bytes = std::fs::read(&weights).map_err(|e| format!("{}: {e}", weights.display()))?;
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e:?}", weights.display()))?;
@@ -173,7 +173,7 @@ fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
         .filter(|(k, _)| k.starts_with("text_model."))
         .collect();
     let target = dir.join("model.safetensors");
-    divergen_models::checkpoint::write_safetensors(kept, &target).map_err(|e| e.to_string())?;
+    divergen_models::checkpoint::write_safetensors(kept, &target)?;
     let tokenizer = ClipTokenizer::from_dir(clip).map_err(|e| format!("{}: {e}", clip.display()))?;
     let tokenizer_dir = out.join("tokenizer");
     std::fs::create_dir_all(&tokenizer_dir).map_err(|e| format!("{}: {e}", tokenizer_dir.display()))?;
@@ -186,14 +186,14 @@ fn write_text_encoder(clip: &Path, out: &Path) -> Result<usize, String> {
 /// `request` is the CLI's (`--adapter`, `--backend`, `--limits`): the pipeline's text encoder
 /// runs there, as it will at generation time. It is opened first, so a wrong flag fails before
 /// any training.
-pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Result<(), String> {
+pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Result<()> {
     use burn::optim::{AdamConfig, GradientsParams};
-    let text_device = open(request).map_err(|e| e.to_string())?;
+    let text_device = open(request)?;
     let device = Device::flex().autodiff();
     device.seed(args.seed);
     let vcfg = vae_config();
     if !(0.0..1.0).contains(&args.ema_decay) {
-        return Err(format!("--ema-decay {} is outside [0, 1)", args.ema_decay));
+        return Err(format!("--ema-decay {} is outside [0, 1)", args.ema_decay).into());
     }
     // Read before anything is written, so a bad --resume folder leaves --out untouched.
     let earlier = match &args.resume {
@@ -207,11 +207,12 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
             args.domain.display(),
             categories.len(),
             SHAPES.len()
-        ));
+        )
+        .into());
     }
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let hidden = write_text_encoder(&args.clip, &args.out)?;
-    write_pipeline_files(&args.out).map_err(|e| e.to_string())?;
+    write_pipeline_files(&args.out)?;
 
     // Phase 1: the autoencoder, or the one a resumed run trained.
     let vae_dir = args.out.join("vae");
@@ -219,7 +220,7 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
         Some(r) => (r.vae.clone(), r.scaling, r.record["vae"].clone()),
         None => train_vae(args, &vcfg, &categories, &device)?,
     };
-    vae.save(&vae_dir, scaling).map_err(|e| e.to_string())?;
+    vae.save(&vae_dir, scaling)?;
     // From here the VAE is frozen: its encoder runs on the plain device (on the autodiff one,
     // every encode would keep a graph alive: 4,096 renders filled 24 GB).
     let plain = Device::flex();
@@ -227,9 +228,8 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
 
     // Phase 2: the UNet, conditioned through the pipeline's own text encoder.
     let text_encoder =
-        ClipTextModel::load_text_encoder(&args.out.join("text_encoder"), Quantization::None, &text_device.device)
-            .map_err(|e| e.to_string())?;
-    let tokenizer = ClipTokenizer::from_dir(&args.out.join("tokenizer")).map_err(|e| e.to_string())?;
+        ClipTextModel::load_text_encoder(&args.out.join("text_encoder"), Quantization::None, &text_device.device)?;
+    let tokenizer = ClipTokenizer::from_dir(&args.out.join("tokenizer"))?;
     let ucfg = unet_config(hidden);
     let (prior_steps, prior_seconds) = earlier.as_ref().map_or((0, 0.0), Resumed::unet_totals);
     let mut unet = match &earlier {
@@ -256,18 +256,17 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
     let mut optimizer = AdamConfig::new().init();
     // The average starts from the weights training starts from: a resumed run's are already good.
     let mut ema = if args.ema_decay > 0.0 {
-        Some(unet.state_dict().map_err(|e| e.to_string())?)
+        Some(unet.state_dict()?)
     } else {
         None
     };
-    let save = |unet: &TinyUnet, ema: &Option<StateDict>| -> Result<(), String> {
+    let save = |unet: &TinyUnet, ema: &Option<StateDict>| -> Result<()> {
         match ema {
             Some(average) => {
-                unet.save_weights(&args.out.join("unet"), average)
-                    .map_err(|e| e.to_string())?;
-                unet.save(&args.out.join("unet-raw")).map_err(|e| e.to_string())
+                unet.save_weights(&args.out.join("unet"), average)?;
+                Ok(unet.save(&args.out.join("unet-raw"))?)
             }
-            None => unet.save(&args.out.join("unet")).map_err(|e| e.to_string()),
+            None => Ok(unet.save(&args.out.join("unet"))?),
         }
     };
     // Encode a fixed set of fresh renders once (the encoder costs as much per image as a UNet
@@ -315,7 +314,7 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
             .collect();
         let pad = tokenizer.end_id();
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode_padded(t, pad).0).collect();
-        let context = text_encoder.hidden_states(&ids, 0).map_err(|e| e.to_string())?;
+        let context = text_encoder.hidden_states(&ids, 0)?;
         let dims = context.dims();
         let context: Vec<f32> = context
             .into_data()
@@ -365,8 +364,8 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
         let grads = GradientsParams::from_grads(loss.backward(), &unet);
         unet = optimizer.step(learning_rate(args.lr, step, args.unet_steps), unet, grads);
         if let Some(average) = ema.as_mut() {
-            let now = unet.state_dict().map_err(|e| e.to_string())?;
-            average.blend_toward(&now, args.ema_decay).map_err(|e| e.to_string())?;
+            let now = unet.state_dict()?;
+            average.blend_toward(&now, args.ema_decay)?;
         }
         if (step + 1) % 500 == 0 {
             save(&unet, &ema)?;
@@ -384,8 +383,7 @@ pub fn train_generator(request: &DeviceRequest, args: &TrainGeneratorArgs) -> Re
         "lr": args.lr, "seed": args.seed, "clip": args.clip,
     });
     let path = args.out.join("training.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&record)?).map_err(|e| format!("{}: {e}", path.display()))?;
     println!(
         "UNet → {} in {unet_seconds:.0} s; loss by tenth {:?}",
         args.out.display(),
@@ -404,7 +402,7 @@ fn train_vae(
     vcfg: &TinyVaeConfig,
     categories: &[eval::CatInfo],
     device: &Device,
-) -> Result<(TinyVae, f32, serde_json::Value), String> {
+) -> Result<(TinyVae, f32, serde_json::Value)> {
     use burn::optim::{AdamConfig, GradientsParams};
     let start = std::time::Instant::now();
     let mut vae = TinyVae::new(vcfg, device);
@@ -472,22 +470,18 @@ struct Resumed {
 }
 
 impl Resumed {
-    fn read(dir: &Path, vcfg: &TinyVaeConfig, clip: &Path, device: &Device) -> Result<Self, String> {
-        let read_json = |path: &Path| -> Result<serde_json::Value, String> {
-            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    fn read(dir: &Path, vcfg: &TinyVaeConfig, clip: &Path, device: &Device) -> Result<Self> {
+        let read_json = |path: &Path| -> Result<serde_json::Value> {
+            let bytes = std::fs::read(path).map_err(Error::io(path))?;
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()).into())
         };
         let record = read_json(&dir.join("training.json"))?;
         let config_path = dir.join("vae/config.json");
         let scaling = read_json(&config_path)?["scaling_factor"]
             .as_f64()
             .ok_or_else(|| format!("{}: no scaling_factor", config_path.display()))? as f32;
-        let vae = TinyVae::new(vcfg, device)
-            .load(&dir.join("vae"))
-            .map_err(|e| e.to_string())?;
-        let unet = TinyUnet::new(&unet_config(text_hidden_size(clip)?), device)
-            .load(&dir.join("unet"))
-            .map_err(|e| e.to_string())?;
+        let vae = TinyVae::new(vcfg, device).load(&dir.join("vae"))?;
+        let unet = TinyUnet::new(&unet_config(text_hidden_size(clip)?), device).load(&dir.join("unet"))?;
         Ok(Resumed {
             vae,
             scaling,

@@ -48,17 +48,12 @@ fn main() -> ExitCode {
     unsafe { skip_mesa_device_select() };
     let cli = Cli::parse();
     cli.global.init_logging();
-    let result = cli
-        .global
-        .device
-        .request()
-        .map_err(String::from)
-        .and_then(|request| match cli.command {
-            Command::Clip(args) => clip::train_clip(&args),
-            Command::Sam(args) => sam::train_sam(&args),
-            Command::Generator(args) => generator::train_generator(&request, &args),
-            Command::Eval { what } => eval::run(&request, &what),
-        });
+    let result = cli.global.device.request().and_then(|request| match cli.command {
+        Command::Clip(args) => clip::train_clip(&args),
+        Command::Sam(args) => sam::train_sam(&args),
+        Command::Generator(args) => generator::train_generator(&request, &args),
+        Command::Eval { what } => eval::run(&request, &what),
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use clap::Args;
+use divergen_runtime::Result;
 use divergen_runtime::domain::DomainConfig;
 use divergen_train::sam::{SamTrainOptions, TinySam, TinySamConfig};
 use divergen_train::sam_examples::sam_example;
@@ -45,7 +46,7 @@ pub fn tiny_sam_config() -> TinySamConfig {
     }
 }
 
-pub fn train_sam(args: &TrainSamArgs) -> Result<(), String> {
+pub fn train_sam(args: &TrainSamArgs) -> Result<()> {
     let config = tiny_sam_config();
     let domain = DomainConfig::default();
     let device = Device::flex().autodiff();
@@ -67,11 +68,10 @@ pub fn train_sam(args: &TrainSamArgs) -> Result<(), String> {
         }
     });
     bar.finish_and_clear();
-    model.save(&args.out).map_err(|e| e.to_string())?;
+    model.save(&args.out)?;
     let record = serde_json::json!({"config": config, "options": options, "seed": args.seed, "log": log});
     let json = args.out.with_file_name("training.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("{}: {e}", json.display()))?;
+    std::fs::write(&json, serde_json::to_vec_pretty(&record)?).map_err(|e| format!("{}: {e}", json.display()))?;
     println!(
         "tiny SAM → {} in {:.0} s; loss by tenth {:?}; IoU by tenth {:?}",
         args.out.display(),
