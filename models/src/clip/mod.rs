@@ -654,7 +654,7 @@ pub fn unit_rows(x: Tensor<2>) -> Result<Vec<Vec<f32>>, ModelError> {
 }
 
 /// `v / ‖v‖₂`, the squares summed in f64 from the first element on.
-pub fn unit(v: &[f32]) -> Vec<f32> {
+fn unit(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
     v.iter().map(|&x| (x as f64 / norm) as f32).collect()
 }

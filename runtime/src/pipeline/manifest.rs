@@ -184,8 +184,8 @@ pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
 /// instances (the `*` tells its loader they are already processed). Paths are absolute so the
 /// file works from any working directory.
 pub fn write_pool(out: &Path, pool_dir: &Path, records: &[InstanceRecord]) -> Result<()> {
-    std::fs::create_dir_all(pool_dir).map_err(|e| format!("{}: {e}", pool_dir.display()))?;
-    let root = std::fs::canonicalize(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(pool_dir).map_err(Error::io(pool_dir))?;
+    let root = std::fs::canonicalize(out).map_err(Error::io(out))?;
     let mut pool: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in records.iter().filter(|r| r.kept) {
         if let Some(crop) = &r.crop {

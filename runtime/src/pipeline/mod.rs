@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 
 pub use self::generation::mix_seed;
 pub use self::manifest::{CategoryReport, InstanceRecord, RunManifest, StageReport, Stages, read_records, write_json};
-use crate::Result;
+use crate::{Error, Result};
 
 use self::annotation::{Annotation, DropReason};
 use self::augmentation::{Pool, PoolInstance};
@@ -130,10 +130,10 @@ pub fn run(
     let real = RealDataset::load(&config.real.annotations, &config.real.images)?;
     check_unknown_categories(&real, &categories, config)?;
     let mix = GeneratorMix::new(config.generation.generators.clone())?;
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
     let manifest_path = out.join(MANIFEST);
     if manifest_path.exists() {
-        std::fs::remove_file(&manifest_path).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+        std::fs::remove_file(&manifest_path).map_err(Error::io(&manifest_path))?;
     }
     log::info!(
         "run {run_id}: {} categories × {} images, {} generators, {} real images",
@@ -414,10 +414,10 @@ fn finish(
     let rel = format!("{folder}/{}/{name}.png", job.category);
     let path = out.join(&rel);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     }
     let png = encode_rgba(&instance.crop)?;
-    divergen_dataset::files::write_atomically(&path, &png).map_err(|e| format!("{}: {e}", path.display()))?;
+    divergen_dataset::files::write_atomically(&path, &png).map_err(Error::io(&path))?;
     record.crop = Some(rel);
     Ok(Finished {
         record,

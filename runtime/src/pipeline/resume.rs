@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::generation::{Job, Plan};
 use super::manifest::{InstanceRecord, write_json};
-use crate::Result;
+use crate::{Error, Result};
 
 /// What determines an instance: a saved result is reused only if all of it matches (the run id
 /// is a hash of the whole config, so any changed setting regenerates).
@@ -50,7 +50,7 @@ pub struct Resume<'a> {
 impl<'a> Resume<'a> {
     pub fn open(out: &'a Path, run_id: &'a str, plan: &'a Plan, generator_ids: Vec<String>) -> Result<Self> {
         let dir = out.join(super::RESUME);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
         Ok(Resume {
             out,
             dir,
